@@ -1,0 +1,101 @@
+"""Self-describing model checkpoints: safetensors weights + the spec that rebuilds the network.
+
+A checkpoint directory holds ``weights.safetensors`` and ``model.json`` (a :class:`ModelSpec`).
+Nothing is unpickled: the architecture is rebuilt by name from this package.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from detector.decouple import decouple
+from detector.models import create_model
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a classifier.
+
+    arch: a name from :data:`detector.models.MODEL_NAMES`.
+    input_shape: (C, H, W) the network expects; pixel values in [0, 1].
+    classes: class names, index i is class i.
+    decoupled: whether the network carries gates (``reduction`` is their FC1 bottleneck factor).
+    """
+
+    arch: str
+    input_shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    decoupled: bool = False
+    reduction: int = 4
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def build(self) -> nn.Module:
+        """A freshly initialised network of this spec (gated if ``decoupled``)."""
+        model = create_model(self.arch, in_channels=self.input_shape[0],
+                             num_classes=self.num_classes, **self.arch_kwargs)
+        return decouple(model, self.reduction) if self.decoupled else model
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        try:
+            return cls(
+                arch=str(data["arch"]),
+                input_shape=tuple(int(v) for v in data["input_shape"]),  # type: ignore[arg-type]
+                classes=tuple(str(c) for c in data["classes"]),
+                decoupled=bool(data.get("decoupled", False)),
+                reduction=int(data.get("reduction", 4)),
+                arch_kwargs=dict(data.get("arch_kwargs", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid model spec: {e!r}") from e
+
+
+def save_checkpoint(directory: Path, model: nn.Module, spec: ModelSpec) -> None:
+    """Write weights and spec into ``directory`` (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly; a missing, extra or mis-shaped tensor is a ValueError."""
+    state = load_file(str(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or extra or wrong:
+        detail = [f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                  for what, keys in (("missing", missing), ("unexpected", extra),
+                                     ("wrong shape", wrong)) if keys]
+        raise ValueError(f"weights in {path} do not fit the architecture ({'; '.join(detail)})")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(directory: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the network saved in ``directory``; returns it in eval mode with its spec."""
+    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    for p in (spec_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {p}")
+    spec = ModelSpec.from_json(json.loads(spec_path.read_text()))
+    model = spec.build()
+    load_weights(model, weights_path)
+    return model.eval(), spec

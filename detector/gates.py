@@ -1,0 +1,152 @@
+"""Architecture control module and gated convolution.
+
+Implements the gate of Li et al., "Interpretable Neural Network Decoupling" (ECCV 2020),
+METHOD.md sections 1-2: a squeeze-excitation-like bottleneck reads the global average of a
+conv layer's *input* and decides, before the convolution runs, which output filters are open.
+Training uses Improved SemHash (noisy, saturated sigmoid mixed with hard bits, straight-through
+gradient); inference uses hard bits ``z = 1(G(s) > 0)``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class ControlModule(nn.Module):
+    """G(s) = FC2(ReLU(FC1(GAP(x)))): gate logits for ``out_channels`` filters.
+
+    Initialised as in the authors' code so that every gate starts open and input-independent:
+    FC1.weight = 0, FC1.bias = 1, FC2 Kaiming-normal, FC2.bias = 1.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(in_channels // reduction, 4)
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, out_channels)
+        nn.init.zeros_(self.fc1.weight)
+        nn.init.ones_(self.fc1.bias)
+        nn.init.kaiming_normal_(self.fc2.weight)
+        nn.init.ones_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) layer input -> (B, C_out) real-valued gate logits."""
+        s = x.mean(dim=(2, 3))  # (B, C_in)
+        return self.fc2(F.relu(self.fc1(s)))
+
+
+def improved_semhash(logits: torch.Tensor, training: bool) -> torch.Tensor:
+    """Binary gates from gate logits (B, C) -> (B, C) with values in [0, 1].
+
+    Training: g = logits + N(0, 1); v1 = clamp(1.2 sigmoid(g) - 0.1, 0, 1); v2 = 1(g > 0).
+    Each entry uses v1 or v2 with probability 1/2 in the forward pass; the backward pass always
+    takes the gradient of v1 (straight-through). Inference: hard bits 1(logits > 0), no noise.
+    """
+    if not training:
+        return (logits > 0).to(logits.dtype)
+    g = logits + torch.randn_like(logits)
+    v1 = torch.clamp(1.2 * torch.sigmoid(g) - 0.1, 0.0, 1.0)
+    v2 = (g > 0).to(logits.dtype)
+    hard = v1 + (v2 - v1).detach()  # value v2, gradient of v1
+    use_soft = torch.rand_like(logits) < 0.5
+    return torch.where(use_soft, v1, hard)
+
+
+@dataclass
+class GateRecord:
+    """What one gated layer did in one forward pass (B = batch size, C = its filters).
+
+    gates: (B, C) gate values z in [0, 1] (exactly 0/1 at inference; carries gradient in training).
+    logits: (B, C) gate logits G(s) before binarisation.
+    pooled: (B, C) global average of the layer's normalised output before masking.
+    in_active: (B,) number of input channels that are not identically zero.
+    in_channels, out_channels, macs: the layer's dense shape; macs = dense multiply-accumulates
+        for one input at the observed spatial size.
+    """
+
+    gates: torch.Tensor
+    logits: torch.Tensor
+    pooled: torch.Tensor
+    in_active: torch.Tensor
+    in_channels: int
+    out_channels: int
+    macs: int
+
+
+@dataclass
+class PathRecorder:
+    """Collects :class:`GateRecord` s in execution order during one forward pass."""
+
+    force_open: bool = False
+    records: dict[str, GateRecord] = field(default_factory=dict)
+
+
+_RECORDER: ContextVar[PathRecorder | None] = ContextVar("pathguard_recorder", default=None)
+
+
+@contextmanager
+def recording(force_open: bool = False) -> Iterator[PathRecorder]:
+    """Record the gates of every forward pass run inside the block (this thread/task only).
+
+    ``force_open=True`` opens every gate, which makes a decoupled network compute exactly like
+    the network it was made from (useful for baselines and equivalence checks).
+    """
+    recorder = PathRecorder(force_open=force_open)
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+class GatedConv(nn.Module):
+    """conv -> batch norm -> per-filter mask, the mask decided from the conv's input.
+
+    Replaces a ``(Conv2d, BatchNorm2d)`` pair of the original network; the original modules are
+    kept as ``conv`` and ``bn`` so their trained weights are reused. Closed filters are exactly
+    zero after normalisation, hence also after a following ReLU.
+    """
+
+    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, reduction: int = 4) -> None:
+        super().__init__()
+        self.name = name
+        self.conv = conv
+        self.bn = bn
+        self.control = ControlModule(conv.in_channels, conv.out_channels, reduction)
+
+    def dense_macs(self, out_hw: tuple[int, int]) -> int:
+        """Multiply-accumulates of the dense conv for one input with output size ``out_hw``."""
+        kh, kw = self.conv.kernel_size
+        per_pixel = self.conv.in_channels // self.conv.groups * kh * kw * self.conv.out_channels
+        return per_pixel * out_hw[0] * out_hw[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H', W') with closed filters set to 0."""
+        logits = self.control(x)  # (B, C_out)
+        recorder = _RECORDER.get()
+        if recorder is not None and recorder.force_open:
+            z = torch.ones_like(logits)
+        else:
+            z = improved_semhash(logits, self.training)
+        y = self.bn(self.conv(x))  # (B, C_out, H', W')
+        if recorder is not None:
+            recorder.records[self.name] = GateRecord(
+                gates=z,
+                logits=logits,
+                pooled=y.mean(dim=(2, 3)),
+                in_active=(x.detach().abs().amax(dim=(2, 3)) > 0).sum(dim=1),
+                in_channels=self.conv.in_channels,
+                out_channels=self.conv.out_channels,
+                macs=self.dense_macs((y.shape[2], y.shape[3])),
+            )
+        return y * z[:, :, None, None]

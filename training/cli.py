@@ -1,0 +1,115 @@
+"""Command-line plumbing shared by the training commands: options, presets, error handling."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from detector.models import MODEL_NAMES, min_input_size
+from training.data import DATASET_HELP, ImageData, load_dataset
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults for a known data set (used where an option is not given)."""
+
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    augment: bool
+    decouple_epochs: int
+    decouple_lr: float
+
+
+PRESETS = {
+    "digits": Preset("small_cnn", 30, 64, 0.05, False, 15, 0.02),
+    "mnist": Preset("small_cnn", 4, 128, 0.1, False, 2, 0.02),
+    "cifar10": Preset("resnet20", 30, 128, 0.2, True, 8, 0.02),
+}
+
+
+def preset_for(data: ImageData) -> Preset:
+    """The preset of a known data set, else one chosen from its image shape."""
+    if data.name in PRESETS:
+        return PRESETS[data.name]
+    c, h, _ = data.input_shape
+    arch = "small_cnn" if c == 1 else "resnet20" if h <= 32 else "resnet18"
+    return Preset(arch, 20, 128, 0.1, c == 3, 5, 0.02)
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=default, help=f"{DATASET_HELP} (default: %(default)s)")
+    g.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="root for torchvision datasets (default: %(default)s)")
+    g.add_argument("--download", action="store_true",
+                   help="let torchvision download mnist/cifar10 into --data-dir")
+    g.add_argument("--image-size", type=int, default=64,
+                   help="side length ImageFolder images are resized to (default: %(default)s)")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+def setup_runtime(args: argparse.Namespace) -> None:
+    """Logging, seed and thread count from the parsed options."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+def load_data(args: argparse.Namespace) -> ImageData:
+    return load_dataset(args.dataset, args.data_dir, args.download, args.image_size)
+
+
+def check_arch(arch: str, data: ImageData) -> None:
+    """ValueError naming the architecture or image size if they cannot work together."""
+    if arch not in MODEL_NAMES:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(MODEL_NAMES)}")
+    _, h, w = data.input_shape
+    side = min_input_size(arch)
+    if min(h, w) < side:
+        raise ValueError(f"images of {data.name!r} are {h}x{w}, too small for {arch} "
+                         f"(needs at least {side}x{side})")
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """argparse type: a positive number, error naming the bad value."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    return parse
+
+
+def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],
+                argv: list[str] | None = None) -> None:
+    """Parse, run, and turn user errors (bad values, missing files) into a one-line exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        setup_runtime(args)
+        main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None

@@ -1,0 +1,174 @@
+"""``python -m training.decouple``: add gates to a trained base classifier and fine-tune it with
+the decoupling losses (cross-entropy + KL alignment + mutual information + sparsity).
+
+Output: ``<out>/weights.safetensors``, ``model.json``, ``config.json``, ``metrics.json``,
+``filter_states.json`` and ``filter_states.png`` (high-energy / dynamic / silent filters per
+gated layer over the test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from detector.decouple import decouple, gated_layers
+from detector.explain import filter_states
+from detector.paths import compute_path, network_macs
+from training.cli import (
+    add_data_args,
+    add_runtime_args,
+    load_data,
+    positive,
+    preset_for,
+    run_command,
+)
+from training.engine import collect_paths, evaluate, fit
+from training.losses import DecouplingLoss, LossWeights
+from training.report import plot_filter_states, write_json
+
+log = logging.getLogger("training.decouple")
+
+# Fine-tuning for a few epochs on CPU: a target active ratio (the paper's ImageNet formulation)
+# reaches a sparse path quickly where the CIFAR setting (target 0, lambda_s 1.5e-4) needs 200
+# epochs, and a larger MI weight with faster-learning gates makes the gates input-dependent
+# (dynamic) within those few epochs rather than a static pruning mask (see docs/RESULTS.md).
+DEFAULT_WEIGHTS = LossWeights(kl=1.0, mi=0.2, sparse=0.01, target=0.5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.decouple", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=None,
+                   help="base run directory from training.train (default: runs/<dataset>/base)")
+    add_data_args(p)
+    g = p.add_argument_group("fine-tuning (defaults come from the data set's preset)")
+    g.add_argument("--epochs", type=positive(int), help="fine-tuning epochs")
+    g.add_argument("--batch-size", type=positive(int), help="mini-batch size")
+    g.add_argument("--lr", type=positive(float), help="peak learning rate (one-cycle)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip (default: on for colour data sets)")
+    g.add_argument("--reduction", type=positive(int), default=4,
+                   help="bottleneck factor of the gates' FC1, C_in -> C_in/r "
+                        "(default: %(default)s)")
+    g.add_argument("--gate-lr-mult", type=positive(float), default=10.0,
+                   help="peak learning rate of the new gates (and MI heads) relative to --lr; "
+                        "they start from scratch while the conv weights are fine-tuned "
+                        "(default: %(default)s)")
+    w = p.add_argument_group("loss weights")
+    d = DEFAULT_WEIGHTS
+    w.add_argument("--lambda-k", type=float, default=d.kl,
+                   help="KL alignment (default: %(default)s)")
+    w.add_argument("--lambda-m", type=float, default=d.mi,
+                   help="mutual information (default: %(default)s)")
+    w.add_argument("--lambda-s", type=float, default=d.sparse,
+                   help="sparsity (default: %(default)s)")
+    w.add_argument("--target", type=float, default=d.target,
+                   help="target share of active filters in [0, 1); 0 = plain L1 "
+                        "(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/<dataset>/decoupled)")
+    add_runtime_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.target < 1.0:
+        raise ValueError(f"--target must be in [0, 1), got {args.target}")
+    data = load_data(args)
+    preset = preset_for(data)
+    base_dir = args.base or Path("runs") / data.name / "base"
+    base, base_spec = load_checkpoint(base_dir)
+    if base_spec.decoupled:
+        raise ValueError(f"--base {base_dir} is already decoupled")
+    if base_spec.input_shape != data.input_shape:
+        raise ValueError(f"--base {base_dir} expects images {base_spec.input_shape}, dataset "
+                         f"{args.dataset!r} has {data.input_shape}")
+    out = args.out or Path("runs") / data.name / "decoupled"
+    weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, args.target)
+    config = {
+        "command": "decouple", "base": str(base_dir), "dataset": args.dataset,
+        "data_name": data.name, "arch": base_spec.arch,
+        "epochs": args.epochs or preset.decouple_epochs,
+        "batch_size": args.batch_size or preset.batch_size,
+        "lr": args.lr or preset.decouple_lr, "weight_decay": args.weight_decay,
+        "augment": preset.augment if args.augment is None else args.augment,
+        "reduction": args.reduction, "gate_lr_mult": args.gate_lr_mult,
+        "loss_weights": asdict(weights), "seed": args.seed,
+        "threads": torch.get_num_threads(),
+    }
+    base_test = evaluate(base, data.x_test, data.y_test)
+    model = decouple(base, args.reduction)
+    layers = gated_layers(model)
+    loss_fn = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()},
+                             base_spec.num_classes, weights)
+    log.info("decoupling %s: %d gated layers, base accuracy %.4f", base_spec.arch, len(layers),
+             base_test["accuracy"])
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return loss_fn(compute_path(model, xb), yb)
+
+    start = time.perf_counter()
+    gate_params = [p for m in layers.values() for p in m.control.parameters()]
+    gate_ids = {id(p) for p in gate_params}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in gate_ids]},
+        {"params": [*gate_params, *loss_fn.parameters()], "lr_mult": args.gate_lr_mult},
+    ]
+    history = fit(model, data.x_train, data.y_train, step, groups, epochs=config["epochs"],
+                  batch_size=config["batch_size"], lr=config["lr"],
+                  weight_decay=config["weight_decay"], augment=config["augment"],
+                  seed=args.seed, desc=f"decouple {base_spec.arch}")
+    seconds = time.perf_counter() - start
+    spec = replace(base_spec, decoupled=True, reduction=args.reduction)
+    metrics = summarize(model, spec, data.x_test, data.y_test)
+    metrics.update(base_test_accuracy=base_test["accuracy"], train_seconds=seconds,
+                   loss_curve=history)
+    states = metrics.pop("filter_states")
+    save_checkpoint(out, model, spec)
+    write_json(out / "config.json", config)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "filter_states.json", states)
+    plot_filter_states(states, out / "filter_states.png",
+                       f"Filter states: decoupled {spec.arch} on {data.name} (test split)")
+    print(json.dumps({k: metrics[k] for k in (  # noqa: T201
+        "test_accuracy", "base_test_accuracy", "active_fraction", "flops_fraction")}))
+    print(f"decoupled {spec.arch} on {data.name} in {seconds:.0f}s -> {out}")  # noqa: T201
+
+
+def summarize(model: torch.nn.Module, spec: ModelSpec, x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, object]:
+    """Accuracy, active-filter fractions, FLOPs and filter states of a decoupled model."""
+    test = evaluate(model, x, y)
+    dense = network_macs(model, spec.input_shape)
+    bits = collect_paths(model, x, network_macs=dense)
+    flops = bits.pop("__flops_fraction__")
+    states = filter_states(bits)
+    all_bits = np.concatenate(list(bits.values()), axis=1)
+    return {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "active_fraction": float(np.mean([s["open_fraction"] for s in states.values()])),
+        "active_fraction_all_filters": float(all_bits.mean()),
+        "active_fraction_per_layer": {k: s["open_fraction"] for k, s in states.items()},
+        "dense_macs_per_input": dense,
+        "gated_macs_per_input": float(np.mean(flops) * dense),
+        "flops_fraction": float(np.mean(flops)),
+        "filter_states": states,
+    }
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_command(build_parser(), main, argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,106 @@
+"""Training and evaluation loops over in-memory :class:`~training.data.ImageData`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from detector.paths import compute_path
+from training.data import batches
+
+log = logging.getLogger(__name__)
+
+LossStep = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_step: LossStep,
+    params: Iterable[nn.Parameter] | list[dict[str, Any]],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 5e-4,
+    augment: bool = False,
+    seed: int = 0,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """SGD (momentum 0.9, Nesterov) with a one-cycle learning rate over ``epochs``.
+
+    x: (N, C, H, W) uint8, y: (N,). ``loss_step(images, labels)`` returns loss terms with a
+    ``total`` entry. ``params`` are parameters or groups ``{"params": ..., "lr_mult": m}`` whose
+    peak learning rate is ``m * lr``. Returns mean loss terms per epoch (the loss curve).
+    """
+    groups = list(params)
+    if not groups or not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    peaks = [lr * g.pop("lr_mult", 1.0) for g in groups]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    steps = math.ceil(len(y) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs,
+                                                steps_per_epoch=steps, pct_start=0.15)
+    history = []
+    bar = tqdm(total=epochs * steps, desc=desc, unit="batch", mininterval=2.0)
+    for epoch in range(epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        for xb, yb in batches(x, y, batch_size, shuffle=True, augment=augment, seed=seed + epoch):
+            terms = loss_step(xb, yb)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+            sched.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(yb)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(terms['total']):.3f}", refresh=False)
+        history.append({k: v / len(y) for k, v in sums.items()})
+        log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])
+    bar.close()
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 256) -> dict[str, float]:
+    """Accuracy in [0, 1] and mean cross-entropy of ``model`` (set to eval) on uint8 images."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for xb, yb in batches(x, y, batch_size):
+        logits = model(xb)
+        correct += int((logits.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+    return {"accuracy": correct / len(y), "loss": loss / len(y)}
+
+
+@torch.no_grad()
+def collect_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                  network_macs: int | None = None) -> dict[str, np.ndarray]:
+    """Gate bits of a decoupled model over uint8 images x: (N, C, H, W).
+
+    Returns layer name -> (N, C_layer) bool array, plus ``"__flops_fraction__"`` (N,) when
+    ``network_macs`` is given.
+    """
+    model.eval()
+    y = torch.zeros(len(x), dtype=torch.int64)
+    parts: dict[str, list[np.ndarray]] = {}
+    for xb, _ in batches(x, y, batch_size):
+        path = compute_path(model, xb)
+        for name, layer in path.layers.items():
+            parts.setdefault(name, []).append(layer.bits.bool().numpy())
+        if network_macs is not None:
+            parts.setdefault("__flops_fraction__", []).append(
+                path.flops_fraction(network_macs).numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -1,0 +1,72 @@
+"""Decoupling losses of Li et al. (ECCV 2020), METHOD.md section 3, summed over gated layers.
+
+total = CE(logits, y) + lambda_k * KL + lambda_m * MI + lambda_s * SPARSE
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detector.paths import PathResult
+
+
+def mutual_information_loss(gates: torch.Tensor, head: nn.Linear, y: torch.Tensor) -> torch.Tensor:
+    """Variational MI bound: CE of a bias-free linear classifier q(y | z) on the gates.
+
+    gates: (B, C) in [0, 1]; head: C -> K without bias; y: (B,) labels. Returns a scalar.
+    """
+    return F.cross_entropy(head(gates), y)
+
+
+def kl_alignment_loss(pooled: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(pooled) || softmax(gates)) over channels, averaged over the batch.
+
+    pooled: (B, C) global average of the layer output before masking; gates: (B, C).
+    """
+    return F.kl_div(F.log_softmax(gates, dim=1), F.softmax(pooled, dim=1), reduction="batchmean")
+
+
+def sparsity_loss(gates: torch.Tensor, target: float = 0.0) -> torch.Tensor:
+    """| mean over batch of ||z||_1 - target * C |; gates: (B, C); target in [0, 1)."""
+    return (gates.sum(dim=1).mean() - target * gates.shape[1]).abs()
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """lambda_k (KL), lambda_m (MI), lambda_s (sparsity), target (active-channel ratio)."""
+
+    kl: float = 1.0
+    mi: float = 0.01
+    sparse: float = 1.5e-4
+    target: float = 0.0
+
+
+class DecouplingLoss(nn.Module):
+    """Cross-entropy plus the three decoupling terms; owns the per-layer MI classifiers.
+
+    layers: gated layer name -> its number of filters; the heads are used only in training.
+    """
+
+    def __init__(self, layers: dict[str, int], num_classes: int, weights: LossWeights) -> None:
+        super().__init__()
+        self.weights = weights
+        self.names = list(layers)
+        self.heads = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in layers.values())
+
+    def forward(self, path: PathResult, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms (scalars): ce, kl, mi, sparse and their weighted total."""
+        zero = path.logits.new_zeros(())
+        kl, mi, sparse = zero, zero, zero
+        for name, head in zip(self.names, self.heads, strict=True):
+            layer = path.layers[name]
+            kl = kl + kl_alignment_loss(layer.pooled, layer.bits)
+            mi = mi + mutual_information_loss(layer.bits, head, y)
+            sparse = sparse + sparsity_loss(layer.bits, self.weights.target)
+        ce = F.cross_entropy(path.logits, y)
+        w = self.weights
+        total = ce + w.kl * kl + w.mi * mi + w.sparse * sparse
+        return {"total": total, "ce": ce, "kl": kl, "mi": mi, "sparse": sparse}
