@@ -72,6 +72,7 @@ def save_checkpoint(directory: Path, model: nn.Module, spec: ModelSpec) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
     (directory / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2))
+    (directory / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -1,0 +1,213 @@
+"""The artifact bundle: one self-describing directory that the server loads.
+
+Layout::
+
+    manifest.json          format version, model spec, gated layers, detector threshold and FPR,
+                           metrics summary, SHA-256 of every other file
+    weights.safetensors    the decoupled network
+    profile.safetensors    class-conditional path statistics (:class:`PathProfile`)
+    detector.skops         the fitted :class:`PathDetector` (skops: no pickle, explicit
+                           allow-list of types)
+
+Loading verifies the format version, the presence and hash of every file and the weights'
+shapes, and raises :class:`BundleError` naming the problem. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import skops.io as sio
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from detector.analysis import Analysis, analyze
+from detector.checkpoint import ModelSpec, load_weights
+from detector.decouple import gated_layers
+from detector.estimator import PathDetector
+from detector.features import PathProfile
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+PROFILE = "profile.safetensors"
+DETECTOR = "detector.skops"
+
+#: Every type a detector file may contain; anything else is refused on load.
+TRUSTED_TYPES = (
+    "detector.estimator.PathDetector",
+    "sklearn.calibration.CalibratedClassifierCV",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.isotonic.IsotonicRegression",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.ensemble._forest.RandomForestClassifier",
+    "sklearn.tree._classes.DecisionTreeClassifier",
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn._loss.loss.HalfBinomialLoss",
+    "sklearn._loss.link.LogitLink",
+    "sklearn._loss.link.Interval",
+    "sklearn._loss._loss.CyHalfBinomialLoss",
+    "sklearn.utils._bunch.Bunch",
+    "numpy.random._mt19937.MT19937",
+    "numpy.random.mtrand.RandomState",
+    "builtins.slice",
+    "collections.OrderedDict",
+)
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and the problem."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: eval-mode network, path profile, detector and manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    spec: ModelSpec
+    model: nn.Module
+    profile: PathProfile
+    detector: PathDetector
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def network_macs(self) -> int:
+        return int(self.manifest["network_macs"])
+
+    def analyze(self, images: torch.Tensor) -> Analysis:
+        """images: (N, C, H, W) float32 in [0, 1] with the bundle's input shape."""
+        expected = tuple(self.spec.input_shape)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+        return analyze(self.model, self.profile, self.detector, images, self.network_macs)
+
+
+def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec,
+                profile: PathProfile, detector: PathDetector, network_macs: int,
+                metrics: dict[str, Any] | None = None) -> Path:
+    """Write a bundle into ``directory`` (created; existing bundle files are replaced)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    save_file(profile.to_arrays(), str(directory / PROFILE))
+    sio.dump(detector, directory / DETECTOR)
+    layers = gated_layers(model)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": spec.to_json(),
+        "input_shape": list(spec.input_shape),
+        "classes": list(spec.classes),
+        "gated_layers": {k: m.conv.out_channels for k, m in layers.items()},
+        "network_macs": network_macs,
+        "detector": {
+            "model": detector.model,
+            "threshold": detector.threshold_,
+            "target_fpr": detector.target_fpr,
+            "clean_fpr": detector.clean_fpr_,
+            "include_raw_features": profile.include_raw,
+            "n_features": int(detector.n_features_in_),
+        },
+        "metrics": metrics or {},
+        "files": {f: sha256(directory / f) for f in (WEIGHTS, PROFILE, DETECTOR)},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    for f in (MANIFEST, WEIGHTS, PROFILE, DETECTOR):
+        (directory / f).chmod(0o644)  # safetensors writes 0600; servers may run as another user
+    return directory
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The verified manifest: format version known, every listed file present and intact."""
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory not found: {directory}")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: not a bundle directory")
+    try:
+        manifest = json.loads(path.read_text())
+        version = int(manifest["format_version"])
+        files = dict(manifest["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path} is not a valid manifest ({e!r})") from e
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{path} has format version {version}, newer than this package "
+                          f"supports ({FORMAT_VERSION}); upgrade the package")
+    missing = sorted({WEIGHTS, PROFILE, DETECTOR} - set(files))
+    if missing:
+        raise BundleError(f"{path} lists no hash for {missing}")
+    for name, digest in files.items():
+        f = directory / name
+        if Path(name).name != name:
+            raise BundleError(f"{path} lists a file outside the bundle: {name!r}")
+        if not f.is_file():
+            raise BundleError(f"bundle file missing: {f}")
+        if sha256(f) != digest:
+            raise BundleError(f"bundle file {f} does not match its SHA-256 in the manifest "
+                              "(modified or truncated)")
+    return manifest
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Load and verify a bundle; raises :class:`BundleError` naming what is wrong."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        spec = ModelSpec.from_json(manifest["model"])
+        model = spec.build()
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"{directory / MANIFEST}: cannot rebuild the model ({e})") from e
+    try:
+        load_weights(model, directory / WEIGHTS)
+    except ValueError as e:
+        raise BundleError(str(e)) from e
+    model.eval()
+    names = list(gated_layers(model))
+    include_raw = bool(manifest.get("detector", {}).get("include_raw_features", False))
+    try:
+        profile = PathProfile.from_arrays(names, load_file(str(directory / PROFILE)), include_raw)
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"{directory / PROFILE} does not fit the model's gated layers") from e
+    detector = load_detector(directory / DETECTOR)
+    return Bundle(directory, manifest, spec, model, profile, detector)
+
+
+def load_detector(path: Path) -> PathDetector:
+    """Load a skops detector file, refusing any type outside :data:`TRUSTED_TYPES`."""
+    try:
+        untrusted = set(sio.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)
+    except Exception as e:  # skops raises various errors on corrupt archives
+        raise BundleError(f"{path} is not a readable skops file ({e!r})") from e
+    if untrusted:
+        raise BundleError(f"{path} contains types outside the allow-list, refusing to load: "
+                          f"{sorted(untrusted)}")
+    detector = sio.load(path, trusted=list(TRUSTED_TYPES))
+    if not isinstance(detector, PathDetector):
+        raise BundleError(f"{path} holds a {type(detector).__name__}, not a PathDetector")
+    return detector

@@ -1,0 +1,93 @@
+"""Adversarial attacks through torchattacks, behind one thin function (:func:`craft`).
+
+Inputs are images in [0, 1] (the models normalise internally); the model is put in eval mode.
+Attack specs are strings ``name`` or ``name:eps`` with eps absolute or a fraction
+(``pgd:8/255``). Implemented names (L-inf unless noted):
+
+- ``fgsm``: Goodfellow et al. 2015, one signed-gradient step of size eps;
+- ``pgd``: Madry et al. 2018, 20 steps of eps/8 from a random start;
+- ``bim``: Kurakin et al. 2017, 20 steps of eps/10, no random start;
+- ``cw``: Carlini & Wagner 2017, L2, c=1, kappa=0, 100 Adam steps (lr 0.01) — minimal
+  perturbation, no eps;
+- ``deepfool``: Moosavi-Dezfooli et al. 2016, L2, 50 steps, overshoot 0.02 — minimal
+  perturbation, no eps;
+- ``square``: Andriushchenko et al. 2020, black-box score-based, ``square_queries`` queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torchattacks
+from torch import nn
+from tqdm import tqdm
+
+NEEDS_EPS = {"fgsm", "pgd", "bim", "square"}
+ATTACKS = (*sorted(NEEDS_EPS), "cw", "deepfool")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack and its L-inf budget (None for minimal-perturbation attacks)."""
+
+    name: str
+    eps: float | None = None
+    eps_text: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name.upper() if self.eps is None else f"{self.name.upper()} eps={self.eps_text}"
+
+    @classmethod
+    def parse(cls, text: str) -> AttackSpec:
+        """``"pgd:8/255"`` -> AttackSpec("pgd", 0.0314); ValueError naming a bad spec."""
+        name, _, eps_text = text.strip().lower().partition(":")
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {text!r}; choose from {', '.join(ATTACKS)}")
+        if name not in NEEDS_EPS:
+            if eps_text:
+                raise ValueError(f"attack {name!r} takes no eps, got {text!r}")
+            return cls(name)
+        if not eps_text:
+            raise ValueError(f"attack {name!r} needs a strength, e.g. {name}:0.3 or {name}:8/255")
+        try:
+            eps = float(Fraction(eps_text))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"bad strength in attack {text!r}") from None
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"strength of {text!r} must be in (0, 1], got {eps}")
+        return cls(name, eps, eps_text)
+
+
+def make_attack(spec: AttackSpec, model: nn.Module, seed: int = 0,
+                square_queries: int = 1000) -> torchattacks.attack.Attack:
+    """The torchattacks object for ``spec`` on ``model``."""
+    eps = spec.eps or 0.0
+    if spec.name == "fgsm":
+        return torchattacks.FGSM(model, eps=eps)
+    if spec.name == "pgd":
+        return torchattacks.PGD(model, eps=eps, alpha=eps / 8, steps=20, random_start=True)
+    if spec.name == "bim":
+        return torchattacks.BIM(model, eps=eps, alpha=eps / 10, steps=20)
+    if spec.name == "cw":
+        return torchattacks.CW(model, c=1.0, kappa=0.0, steps=100, lr=0.01)
+    if spec.name == "deepfool":
+        return torchattacks.DeepFool(model, steps=50, overshoot=0.02)
+    return torchattacks.Square(model, norm="Linf", eps=eps, n_queries=square_queries,
+                               seed=seed, verbose=False)
+
+
+def craft(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+          batch_size: int = 256, seed: int = 0, square_queries: int = 1000,
+          progress: bool = True) -> torch.Tensor:
+    """Adversarial versions of x: (N, C, H, W) in [0, 1] with labels y: (N,); same shape/range."""
+    model.eval()
+    torch.manual_seed(seed)
+    attack = make_attack(spec, model, seed, square_queries)
+    out = []
+    for i in tqdm(range(0, len(x), batch_size), desc=f"craft {spec.label}", unit="batch",
+                  disable=not progress, leave=False):
+        out.append(attack(x[i:i + batch_size], y[i:i + batch_size]).detach())
+    return torch.cat(out).clamp_(0.0, 1.0) if out else x.clone()

@@ -1,0 +1,150 @@
+"""Adversarial sets, their computation paths, and the evaluation of one detector variant."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from detector.estimator import PathDetector
+from detector.features import PathBatch, PathProfile
+from detector.paths import compute_path
+from training.attacks import AttackSpec, craft
+from training.evaluation import detection_metrics
+
+
+def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> PathBatch:
+    """Paths of x: (N, C, H, W) in [0, 1], in eval mode, without gradients."""
+    model.eval()
+    with torch.inference_mode():
+        parts = [PathBatch.from_result(compute_path(model, x[i:i + batch_size]))
+                 for i in range(0, len(x), batch_size)]
+    return PathBatch.concat(parts)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N,) predicted classes."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def correct_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the model classifies correctly, and their labels."""
+    keep = predict(model, x) == y
+    return x[keep], y[keep]
+
+
+@dataclass
+class AdvSet:
+    """Successful adversarial examples: x (M, C, H, W), true labels y (M,), source image index
+    into the clean set (M,), the number of attempts, and their paths."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    image: np.ndarray
+    attempts: int
+    paths: PathBatch | None = None
+
+
+@dataclass
+class Sets:
+    """Clean images (correctly classified) with their paths, and adversarial sets by label."""
+
+    x_clean: torch.Tensor
+    y_clean: torch.Tensor
+    clean_paths: PathBatch
+    adversarial: dict[str, AdvSet] = field(default_factory=dict)
+
+
+def craft_sets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: list[AttackSpec], *,
+               seed: int, per_image: int | None, square_queries: int) -> Sets:
+    """Attack the images; ``per_image=None`` runs every attack on every image, else each image
+    gets ``per_image`` distinct attacks drawn at random. Failed attacks are dropped."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    if per_image is None:
+        assigned = {s.label: np.arange(n) for s in specs}
+    else:
+        k = min(per_image, len(specs))
+        choice = np.stack([rng.choice(len(specs), k, replace=False) for _ in range(n)])
+        assigned = {s.label: np.flatnonzero((choice == i).any(1)) for i, s in enumerate(specs)}
+    sets = Sets(x, y, extract_paths(model, x))
+    for spec in specs:
+        idx = assigned[spec.label]
+        if len(idx) == 0:
+            continue
+        adv = craft(spec, model, x[idx], y[idx], seed=seed, square_queries=square_queries)
+        ok = (predict(model, adv) != y[idx]).numpy()
+        s = AdvSet(adv[ok], y[idx][ok], idx[ok], len(idx))
+        s.paths = extract_paths(model, s.x) if ok.any() else None
+        sets.adversarial[spec.label] = s
+    return sets
+
+
+def benign_shifts(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Benign changes of clean images: Gaussian noise and JPEG re-encoding (quality 75)."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 0.05 if x.shape[1] == 1 else 0.02
+    noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return {f"gaussian noise sigma={sigma}": noisy, "JPEG quality 75": jpeg(x, 75)}
+
+
+def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """Re-encode each image of x: (N, C, H, W) in [0, 1] as JPEG and decode it again."""
+    out = []
+    mode = "L" if x.shape[1] == 1 else "RGB"
+    for img in (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img.squeeze(-1) if mode == "L" else img, mode).save(
+            buf, "JPEG", quality=quality)
+        arr = np.asarray(Image.open(buf).convert(mode), dtype=np.float32) / 255.0
+        out.append(torch.from_numpy(arr.reshape(img.shape)).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fit: Sets,
+                     evaluation: Sets, shifts: dict[str, PathBatch], y_eval: np.ndarray,
+                     fitted: set[str], seed: int) -> dict[str, Any]:
+    """Fit ``detector`` on the fitting sets and measure it on the evaluation sets."""
+    prof = PathProfile(profile.layers, include_raw=raw)
+    advs = [s for s in fit.adversarial.values() if s.paths is not None]
+    if not advs:
+        raise ValueError("no fitting attack succeeded; use stronger --fit-attacks")
+    X = np.concatenate([prof.transform(fit.clean_paths), *(prof.transform(s.paths) for s in advs)])
+    y = np.r_[np.zeros(len(fit.y_clean)), *(np.ones(len(s.y)) for s in advs)]
+    groups = np.r_[np.arange(len(fit.y_clean)), *(s.image for s in advs)]
+    detector.fit(X, y, groups=groups)
+
+    def scores(paths: PathBatch) -> np.ndarray:
+        return detector.predict_proba(prof.transform(paths))[:, 1]
+
+    t = detector.threshold_
+    clean = scores(evaluation.clean_paths)
+    attacks, adv_scores = {}, {}
+    for label, s in evaluation.adversarial.items():
+        a = scores(s.paths) if s.paths is not None else np.empty(0)
+        adv_scores[label] = a
+        attacks[label] = {"fitted": label in fitted, "success": len(s.y) / max(s.attempts, 1),
+                          **detection_metrics(clean, a, t, seed)}
+    measured = {k: v for k, v in attacks.items() if v.get("n_adv", 0) > 0}
+    worst_auc = min(measured, key=lambda k: measured[k]["auroc"])
+    worst_tpr = min(measured, key=lambda k: measured[k]["tpr_at_5"])
+    benign = {}
+    for label, paths in shifts.items():
+        benign[label] = {"flagged": float((scores(paths) > t).mean()),
+                         "accuracy": float((paths.logits.argmax(1) == y_eval).mean())}
+    return {
+        "clean_fpr": float((clean > t).mean()),
+        "attacks": attacks,
+        "worst": {"auroc": measured[worst_auc]["auroc"], "auroc_attack": worst_auc,
+                  "tpr_at_5": measured[worst_tpr]["tpr_at_5"], "tpr_at_5_attack": worst_tpr},
+        "benign": benign,
+        "scores": {"clean": clean, "attacks": adv_scores},
+    }

@@ -1,0 +1,249 @@
+"""``python -m training.fit_detector``: the main job.
+
+From a decoupled classifier (trained on the fly for the data set if none is given or found):
+craft adversarial examples, fit a detector on computation-path features, evaluate it on held-out
+images against fitted and unseen attacks, and write a bundle the server loads.
+
+Output (default ``runs/<dataset>/detector``): ``bundle/`` (for ``python -m service``),
+``metrics.json``, ``report.md``, ``roc.png`` and ``adversarial.npz`` (the evaluated sets, for
+``benchmarks/baselines.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.bundle import save_bundle
+from detector.checkpoint import load_checkpoint
+from detector.estimator import INNER_MODELS, PathDetector
+from detector.features import PathProfile
+from detector.paths import network_macs
+from training import decouple as decouple_cmd
+from training import train as train_cmd
+from training.attacks import AttackSpec
+from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
+from training.data import ImageData, to_float
+from training.evaluation import markdown_report, plot_rocs
+from training.experiment import (
+    Sets,
+    benign_shifts,
+    correct_subset,
+    craft_sets,
+    evaluate_variant,
+    extract_paths,
+)
+from training.report import write_json
+
+log = logging.getLogger("training.fit_detector")
+
+GREY_FIT = ("fgsm:0.1", "fgsm:0.2", "fgsm:0.3", "pgd:0.1", "pgd:0.2", "pgd:0.3")
+GREY_EVAL = ("fgsm:0.3", "pgd:0.3", "pgd:0.05", "pgd:0.15", "pgd:0.25", "bim:0.3", "cw",
+             "deepfool", "square:0.3")
+COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/255", "pgd:4/255",
+              "pgd:8/255", "pgd:16/255")
+COLOUR_EVAL = ("fgsm:8/255", "pgd:8/255", "pgd:1/255", "pgd:12/255", "bim:8/255", "cw",
+               "deepfool", "square:8/255")
+VARIANTS = ("logistic", "hist_gb", "random_forest", "logistic+raw", "hist_gb+raw")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.fit_detector", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="decoupled run directory (default: runs/<dataset>/decoupled, trained "
+                        "with the default settings if missing)")
+    add_data_args(p)
+    g = p.add_argument_group("attacks (name or name:eps, eps absolute or a fraction like 8/255)")
+    g.add_argument("--fit-attacks", nargs="+", default=None,
+                   help="attacks to fit on (default: FGSM and PGD at 0.1/0.2/0.3 for grey "
+                        "images, 2/4/8/16 /255 for colour)")
+    g.add_argument("--eval-attacks", nargs="+", default=None,
+                   help="attacks to evaluate on, fitted and unseen (default: FGSM, PGD at the "
+                        "main strength and two unseen ones, BIM, CW, DeepFool, Square)")
+    g.add_argument("--attacks-per-image", type=positive(int), default=1,
+                   help="fitting attacks applied to each fitting image, drawn at random; 1 keeps "
+                        "clean and adversarial classes balanced (default: %(default)s)")
+    g.add_argument("--square-queries", type=positive(int), default=1000,
+                   help="query budget of the Square attack (default: %(default)s)")
+    s = p.add_argument_group("images (the test split is split by image into fitting and "
+                             "evaluation halves)")
+    s.add_argument("--max-fit", type=positive(int), default=2000,
+                   help="fitting images at most (default: %(default)s)")
+    s.add_argument("--max-eval", type=positive(int), default=1000,
+                   help="evaluation images at most (default: %(default)s)")
+    s.add_argument("--max-profile", type=positive(int), default=10000,
+                   help="clean training images for the class path profile (default: %(default)s)")
+    d = p.add_argument_group("detector")
+    d.add_argument("--detector", default="logistic", choices=INNER_MODELS,
+                   help="inner model of the bundled detector (default: %(default)s)")
+    d.add_argument("--raw-features", action="store_true",
+                   help="append raw gate bits and logits to the path statistics")
+    d.add_argument("--target-fpr", type=float, default=0.05,
+                   help="false-positive rate on held-out clean images that sets the threshold "
+                        "(default: %(default)s)")
+    d.add_argument("--compare", nargs="*", default=list(VARIANTS),
+                   help="detector variants to compare in the report: inner model with optional "
+                        "'+raw' (default: %(default)s); pass none to skip")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: runs/<dataset>/detector)")
+    add_runtime_args(p)
+    return p
+
+
+def ensure_checkpoint(args: argparse.Namespace, data: ImageData) -> Path:
+    """The decoupled checkpoint to use; trains base + decoupled runs if the default is absent."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    root = Path("runs") / data.name
+    if (root / "decoupled" / "model.json").is_file():
+        return root / "decoupled"
+    log.info("no decoupled model under %s: training one with the default settings", root)
+    common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir),
+              "--image-size", str(args.image_size), "--seed", str(args.seed)]
+    if args.download:
+        common.append("--download")
+    train_cmd.main(train_cmd.build_parser().parse_args([*common, "--out", str(root / "base")]))
+    decouple_cmd.main(decouple_cmd.build_parser().parse_args(
+        [*common, "--base", str(root / "base"), "--out", str(root / "decoupled")]))
+    return root / "decoupled"
+
+
+def main(args: argparse.Namespace) -> None:
+    if not 0.0 < args.target_fpr < 0.5:
+        raise ValueError(f"--target-fpr must be in (0, 0.5), got {args.target_fpr}")
+    variants = [_parse_variant(v) for v in args.compare]
+    data = load_data(args)
+    checkpoint = ensure_checkpoint(args, data)
+    model, spec = load_checkpoint(checkpoint)
+    if not spec.decoupled:
+        raise ValueError(f"--checkpoint {checkpoint} is not decoupled; run training.decouple")
+    if spec.input_shape != data.input_shape:
+        raise ValueError(f"--checkpoint {checkpoint} expects images {spec.input_shape}, dataset "
+                         f"{args.dataset!r} has {data.input_shape}")
+    grey = data.input_shape[0] == 1
+    fit_specs = [AttackSpec.parse(a)
+                 for a in args.fit_attacks or (GREY_FIT if grey else COLOUR_FIT)]
+    eval_specs = [AttackSpec.parse(a)
+                  for a in args.eval_attacks or (GREY_EVAL if grey else COLOUR_EVAL)]
+    out = args.out or Path("runs") / data.name / "detector"
+    start = time.perf_counter()
+
+    # Split the test split by image: fitting and evaluation sides share no image.
+    perm = torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(args.seed))
+    half = len(perm) // 2
+    fit_ids, eval_ids = perm[:half][:args.max_fit], perm[half:][:args.max_eval]
+    x_fit, y_fit = correct_subset(model, to_float(data.x_test[fit_ids]), data.y_test[fit_ids])
+    x_eval, y_eval = correct_subset(model, to_float(data.x_test[eval_ids]), data.y_test[eval_ids])
+    clean_acc = float(np.mean([len(y_fit) / len(fit_ids), len(y_eval) / len(eval_ids)]))
+
+    # Class-conditional path profile from clean, correctly classified training images.
+    prof_ids = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(
+        args.seed))[:args.max_profile]
+    x_prof, y_prof = correct_subset(model, to_float(data.x_train[prof_ids]),
+                                    data.y_train[prof_ids])
+    profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(), spec.num_classes)
+
+    fit_sets = craft_sets(model, x_fit, y_fit, fit_specs, seed=args.seed,
+                          per_image=args.attacks_per_image, square_queries=args.square_queries)
+    eval_sets = craft_sets(model, x_eval, y_eval, eval_specs, seed=args.seed + 1,
+                           per_image=None, square_queries=args.square_queries)
+    fitted = {s.label for s in fit_specs}
+    shifts = benign_shifts(x_eval, seed=args.seed)
+    shift_paths = {k: extract_paths(model, v) for k, v in shifts.items()}
+
+    main_variant = (args.detector, args.raw_features)
+    results: dict[str, dict[str, Any]] = {}
+    bundled = None
+    for name, raw in dict.fromkeys([main_variant, *variants]):
+        detector = PathDetector(model=name, target_fpr=args.target_fpr, random_state=args.seed)
+        res = evaluate_variant(detector, profile, raw, fit_sets, eval_sets, shift_paths,
+                               y_eval.numpy(), fitted, seed=args.seed)
+        results[_variant_name(name, raw)] = res
+        if (name, raw) == main_variant:
+            bundled = (detector, res)
+    assert bundled is not None
+    detector, evaluation = bundled
+    evaluation = {k: v for k, v in evaluation.items() if k != "scores"}
+    profile = PathProfile(profile.layers, include_raw=args.raw_features)
+
+    metrics: dict[str, Any] = {
+        "name": f"{spec.arch}-{data.name}",
+        "config": {
+            "dataset": args.dataset, "checkpoint": str(checkpoint), "arch": spec.arch,
+            "detector": args.detector, "raw_features": args.raw_features,
+            "target_fpr": args.target_fpr, "fit_attacks": [s.label for s in fit_specs],
+            "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
+            "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
+        },
+        "clean_accuracy": clean_acc,
+        "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
+        "threshold": detector.threshold_, "threshold_clean_fpr": detector.clean_fpr_,
+        "evaluation": evaluation,
+        "variants": {k: {"auroc": {a: m.get("auroc", float("nan")) for a, m in
+                                   v["attacks"].items()}, "worst_auroc": v["worst"]["auroc"]}
+                     for k, v in results.items()},
+    }
+    macs = network_macs(model, spec.input_shape)
+    summary = {k: evaluation["attacks"][k].get("auroc") for k in evaluation["attacks"]}
+    save_bundle(out / "bundle", name=metrics["name"], model=model, spec=spec, profile=profile,
+                detector=detector, network_macs=macs,
+                metrics={"clean_accuracy": clean_acc, "auroc": summary,
+                         "worst_auroc": evaluation["worst"]["auroc"]})
+    metrics["seconds"] = time.perf_counter() - start
+    write_json(out / "metrics.json", metrics)
+    plot_rocs(results[_variant_name(*main_variant)]["scores"]["clean"],
+              results[_variant_name(*main_variant)]["scores"]["attacks"], out / "roc.png",
+              f"{metrics['name']}: detector ROC on held-out images")
+    (out / "report.md").write_text(markdown_report(metrics))
+    np.savez_compressed(out / "adversarial.npz", **_arrays(fit_sets, "fit"),
+                        **_arrays(eval_sets, "eval"))
+    print(_summary(metrics, out))  # noqa: T201
+
+
+def _parse_variant(text: str) -> tuple[str, bool]:
+    name, plus, rest = text.partition("+")
+    if name not in INNER_MODELS or (plus and rest != "raw"):
+        raise ValueError(f"bad --compare variant {text!r}: use one of {', '.join(INNER_MODELS)} "
+                         "with optional '+raw'")
+    return name, bool(plus)
+
+
+def _variant_name(name: str, raw: bool) -> str:
+    return name + ("+raw" if raw else "")
+
+
+def _arrays(sets: Sets, prefix: str) -> dict[str, np.ndarray]:
+    arrays = {f"{prefix}_clean_x": sets.x_clean.numpy(), f"{prefix}_clean_y": sets.y_clean.numpy()}
+    for i, (label, s) in enumerate(sets.adversarial.items()):
+        arrays[f"{prefix}_adv{i}_x"] = s.x.numpy()
+        arrays[f"{prefix}_adv{i}_y"] = s.y.numpy()
+        arrays[f"{prefix}_adv{i}_label"] = np.array(label)
+    return arrays
+
+
+def _summary(metrics: dict[str, Any], out: Path) -> str:
+    ev = metrics["evaluation"]
+    rows = [f"{label:<22} AUROC {m['auroc']:.3f}  TPR@5%FPR {m['tpr_at_5']:.3f}  "
+            f"n={m['n_adv']}" if m.get("n_adv") else f"{label:<22} (no successful attack)"
+            for label, m in ev["attacks"].items()]
+    return "\n".join([
+        f"{metrics['name']}: clean accuracy {metrics['clean_accuracy']:.4f}, threshold "
+        f"{metrics['threshold']:.3f} (clean eval FPR {ev['clean_fpr']:.3f})", *rows,
+        f"worst AUROC {ev['worst']['auroc']:.3f} ({ev['worst']['auroc_attack']})",
+        f"bundle: {out / 'bundle'}   report: {out / 'report.md'}   "
+        f"({metrics['seconds']:.0f}s)"])
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_command(build_parser(), main, argv)
+
+
+if __name__ == "__main__":
+    cli()
