@@ -64,7 +64,8 @@ def fit(
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(yb)
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(terms['total']):.3f}", refresh=False)
+            loss = float(terms["total"].detach())
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)
         history.append({k: v / len(y) for k, v in sums.items()})
         log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])
     bar.close()

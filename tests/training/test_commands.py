@@ -1,0 +1,154 @@
+"""The training commands end to end on digits (tiny runs), and their error handling."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.checkpoint import load_checkpoint
+from detector.decouple import gated_layers
+from training import decouple as decouple_cmd
+from training import train as train_cmd
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_FILES = {"weights.safetensors", "model.json", "config.json", "metrics.json"}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    train_cmd.cli(["--dataset", "digits", "--epochs", "3", "--batch-size", "64",
+                   "--out", str(out), "--quiet"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoupled_run(base_run):
+    out = base_run.parent / "decoupled"
+    decouple_cmd.cli(["--base", str(base_run), "--dataset", "digits", "--epochs", "1",
+                      "--batch-size", "128", "--out", str(out), "--quiet"])
+    return out
+
+
+def test_train_writes_run_directory(base_run):
+    assert {p.name for p in base_run.iterdir()} >= RUN_FILES
+    config = json.loads((base_run / "config.json").read_text())
+    assert config["command"] == "train"
+    assert config["arch"] == "small_cnn"
+    assert config["epochs"] == 3 and config["batch_size"] == 64
+    metrics = json.loads((base_run / "metrics.json").read_text())
+    assert len(metrics["loss_curve"]) == 3
+    assert metrics["dense_macs_per_input"] > 0
+    model, spec = load_checkpoint(base_run)
+    assert spec.arch == "small_cnn" and spec.input_shape == (1, 8, 8) and not spec.decoupled
+    assert len(spec.classes) == 10
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_training_lowers_the_loss(base_run):
+    metrics = json.loads((base_run / "metrics.json").read_text())
+    curve = metrics["loss_curve"]
+    assert curve[-1] < 0.5 * curve[0]
+    assert metrics["test_accuracy"] > 0.8  # ten classes: chance is 0.1
+
+
+def test_decouple_writes_run_directory(decoupled_run, base_run):
+    names = {p.name for p in decoupled_run.iterdir()}
+    assert RUN_FILES | {"filter_states.json", "filter_states.png"} <= names
+    assert (decoupled_run / "filter_states.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((decoupled_run / "config.json").read_text())
+    assert config["command"] == "decouple" and config["base"] == str(base_run)
+    assert config["epochs"] == 1
+    model, spec = load_checkpoint(decoupled_run)
+    assert spec.decoupled
+    layers = list(gated_layers(model))
+    assert layers == ["features.3", "features.7", "features.10"]
+    states = json.loads((decoupled_run / "filter_states.json").read_text())
+    assert list(states) == layers
+    for name, s in states.items():
+        assert s["filters"] == gated_layers(model)[name].conv.out_channels
+        assert s["high_energy"] + s["dynamic"] + s["silent"] == s["filters"]
+    metrics = json.loads((decoupled_run / "metrics.json").read_text())
+    assert 0 < metrics["flops_fraction"] <= 1.01
+    assert 0 <= metrics["active_fraction"] <= 1
+    assert set(metrics["active_fraction_per_layer"]) == set(layers)
+    assert {"total", "ce", "kl", "mi", "sparse"} <= set(metrics["loss_curve"][0])
+    assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["base_test_accuracy"] <= 1
+
+
+def run_error(cli, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--dataset", "no-such-data"], "no-such-data"),
+    (["--dataset", "missing/file.npz"], "missing/file.npz"),
+    (["--arch", "resnet18"], "resnet18"),
+    (["--arch", "alexnet"], "alexnet"),
+    (["--epochs", "0"], "'0'"),
+    (["--batch-size", "-3"], "'-3'"),
+    (["--lr", "fast"], "'fast'"),
+])
+def test_train_errors_exit_2_naming_the_value(argv, named, capsys, tmp_path):
+    err = run_error(train_cmd.cli, [*argv, "--out", str(tmp_path / "out"), "-q"], capsys)
+    assert named in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_too_small_images_message(capsys, tmp_path):
+    err = run_error(train_cmd.cli, ["--arch", "resnet18", "--out", str(tmp_path), "-q"], capsys)
+    assert "8x8" in err and "too small" in err
+    assert err.startswith("python -m training.train: error:")
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--target", "1.5"], "1.5"),
+    (["--target", "-0.1"], "-0.1"),
+    (["--epochs", "0"], "'0'"),
+    (["--dataset", "no-such-data"], "no-such-data"),
+])
+def test_decouple_errors_exit_2_naming_the_value(argv, named, capsys, base_run, tmp_path):
+    err = run_error(decouple_cmd.cli,
+                    ["--base", str(base_run), *argv, "--out", str(tmp_path / "out"), "-q"],
+                    capsys)
+    assert named in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_decouple_missing_base_dir(capsys, tmp_path):
+    missing = tmp_path / "no-base"
+    err = run_error(decouple_cmd.cli, ["--base", str(missing), "-q"], capsys)
+    assert str(missing) in err
+
+
+def test_decouple_refuses_decoupled_base(capsys, decoupled_run, tmp_path):
+    err = run_error(decouple_cmd.cli,
+                    ["--base", str(decoupled_run), "--out", str(tmp_path), "-q"], capsys)
+    assert "already decoupled" in err and str(decoupled_run) in err
+
+
+def test_decouple_refuses_base_of_other_shape(capsys, base_run, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "big.npz", x_train=np.zeros((4, 12, 12), np.uint8),
+             y_train=np.arange(4) % 2, x_test=np.zeros((2, 12, 12), np.uint8),
+             y_test=np.arange(2))
+    err = run_error(decouple_cmd.cli, ["--base", str(base_run), "--dataset",
+                                       str(tmp_path / "big.npz"), "-q"], capsys)
+    assert "(1, 12, 12)" in err and "(1, 8, 8)" in err
+
+
+def test_train_help_subprocess():
+    result = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m training.train" in result.stdout
+    assert "--dataset" in result.stdout and "--epochs" in result.stdout
