@@ -181,6 +181,7 @@ def main(args: argparse.Namespace) -> None:
             "target_fpr": args.target_fpr, "fit_attacks": [s.label for s in fit_specs],
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
+            "max_fit": args.max_fit, "max_eval": args.max_eval, "max_profile": args.max_profile,
         },
         "clean_accuracy": clean_acc,
         "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
@@ -225,6 +226,7 @@ def _arrays(sets: Sets, prefix: str) -> dict[str, np.ndarray]:
         arrays[f"{prefix}_adv{i}_x"] = s.x.numpy()
         arrays[f"{prefix}_adv{i}_y"] = s.y.numpy()
         arrays[f"{prefix}_adv{i}_label"] = np.array(label)
+        arrays[f"{prefix}_adv{i}_image"] = s.image  # source index into the clean images
     return arrays
 
 

@@ -1,0 +1,134 @@
+"""Pure pieces of benchmarks/baselines.py: LID estimator, Mahalanobis scores, fitting splits."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.lid import LIDFeatures, lid_mle, noisy_like  # noqa: E402
+
+
+def test_lid_mle_hand_made() -> None:
+    # k = 2, distances (1, e): mean of log(r_i / r_k) = (-1 + 0) / 2, LID = 2.
+    # Unsorted rows and excluded (inf) references give the same answer.
+    dist = np.array([[1.0, math.e, 7.0], [math.inf, math.e, 1.0]])
+    np.testing.assert_allclose(lid_mle(dist, k=2), [2.0, 2.0])
+    # r_i = i, k = 3: -1 / mean(log(1/3), log(2/3), 0)
+    expected = -1.0 / np.mean(np.log([1 / 3, 2 / 3, 1.0]))
+    np.testing.assert_allclose(lid_mle(np.array([[3.0, 1.0, 2.0, 9.0]]), k=3), [expected])
+    # Equal distances: huge but finite; zero distances: clipped, not NaN.
+    assert np.isfinite(lid_mle(np.ones((1, 4)), k=3)).all()
+    assert np.isfinite(lid_mle(np.zeros((1, 4)), k=3)).all()
+    with pytest.raises(ValueError):
+        lid_mle(np.array([[1.0, math.inf]]), k=2)
+
+
+def test_lid_features_track_intrinsic_dimension() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def cloud(dim: int, n: int) -> torch.Tensor:  # uniform in a dim-cube inside 12-d space
+        x = torch.zeros(n, 12)
+        x[:, :dim] = torch.rand(n, dim, generator=g)
+        return x
+
+    ref = {"low": cloud(2, 400), "high": cloud(8, 400)}
+    lid = LIDFeatures(k=20, batch_size=200, seed=0).fit(ref, np.arange(400))
+    est = lid.transform({"low": cloud(2, 200), "high": cloud(8, 200)}).mean(0)
+    assert 1.5 < est[0] < 3.0
+    assert est[1] > 2 * est[0]
+
+
+def test_lid_features_exclude_same_group() -> None:
+    ref = {"a": torch.randn(30, 5)}
+    lid = LIDFeatures(k=5, batch_size=30, seed=0).fit(ref, np.arange(30))
+    query = {"a": ref["a"][:3]}  # exact copies of references 0..2
+    own = lid.transform(query, groups=np.arange(3))  # the copies are excluded
+    blind = lid.transform(query)  # zero distance to themselves: tiny estimates
+    assert (own > 0.5).all()
+    assert (blind < 0.5).all()
+    with pytest.raises(ValueError):
+        LIDFeatures(k=20, batch_size=20)
+
+
+def test_noisy_like_matches_l2_distortion() -> None:
+    x = torch.full((4, 1, 6, 6), 0.5)
+    adv = x.clone()
+    adv[:, :, 0, 0] += torch.tensor([0.05, 0.1, 0.2, 0.0]).view(4, 1)
+    noisy = noisy_like(x, adv, seed=0)
+    np.testing.assert_allclose((noisy - x).flatten(1).norm(dim=1).numpy(),
+                               [0.05, 0.1, 0.2, 0.0], atol=1e-6)
+
+
+def _manual_mahalanobis(train: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """min_c (z - mu_c)^T Sigma^-1 (z - mu_c), Sigma the shared within-class covariance."""
+    mu = np.stack([train[y == c].mean(0) for c in np.unique(y)])
+    centred = train - mu[y]
+    precision = np.linalg.inv(centred.T @ centred / len(train))
+    d = [np.einsum("nd,de,ne->n", z - m, precision, z - m) for m in mu]
+    return np.min(d, axis=0)
+
+
+def test_mahalanobis_score_equals_manual_computation() -> None:
+    pytest.importorskip("pytorch_ood")
+    from benchmarks.mahalanobis import LayerMahalanobis
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    train = torch.randn(60, 4, generator=g, dtype=torch.float64) + 2.0 * y[:, None]
+    x = torch.rand(7, 1, 2, 2, generator=g) * 4  # images whose features are their 4 pixels
+
+    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"f": images.flatten(1) * 1.0}
+
+    plain = LayerMahalanobis(encode, ["f"]).fit({"f": train.float()}, y)
+    expected = _manual_mahalanobis(train.numpy(), y.numpy(), x.flatten(1).double().numpy())
+    np.testing.assert_allclose(plain.score(x)[:, 0], expected, rtol=1e-3)
+
+    # Pre-processing: one signed step of size eps towards the closest class centre.
+    eps = 0.01
+    pre = LayerMahalanobis(encode, ["f"], eps=eps).fit({"f": train.float()}, y)
+    z = x.flatten(1).double().numpy()
+    mu = np.stack([train.numpy()[y.numpy() == c].mean(0) for c in range(3)])
+    centred = train.numpy() - mu[y.numpy()]
+    precision = np.linalg.inv(centred.T @ centred / 60)
+    closest = np.argmin([np.einsum("nd,de,ne->n", z - m, precision, z - m) for m in mu], 0)
+    grad = 2 * (z - mu[closest]) @ precision  # gradient of the squared distance
+    moved = z - eps * np.sign(grad)
+    np.testing.assert_allclose(pre.score(x)[:, 0],
+                               _manual_mahalanobis(train.numpy(), y.numpy(), moved), rtol=1e-3)
+    assert (pre.score(x)[:, 0] < expected).all()
+
+
+def test_held_out_split_and_sources() -> None:
+    from benchmarks.baselines import FitSide, held_out_split, source_images, worst_case
+
+    # 40 clean images (groups 0..39), noisy and adversarial versions of the first 20.
+    n, m = 40, 20
+    y = np.r_[np.zeros(n + m), np.ones(m)]
+    groups = np.r_[np.arange(n), np.arange(m), np.arange(m)]
+    noisy = np.r_[np.zeros(n, bool), np.ones(m, bool), np.zeros(m, bool)]
+    side = FitSide(torch.zeros(len(y), 1, 2, 2), y, groups, noisy)
+    fit_mask, hold = held_out_split(side, seed=0)
+    assert len(hold) == 10 and not noisy[hold].any() and (y[hold] == 0).all()
+    assert not np.isin(groups[fit_mask], groups[hold]).any()  # held-out images: no version fits
+    assert fit_mask.sum() == len(y) - sum(np.isin(groups, groups[hold]))
+
+    clean = torch.rand(6, 1, 3, 3)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    adv = (clean[[4, 0, 3]] + 0.05 * torch.randn(3, 1, 3, 3)).clamp(0, 1)
+    np.testing.assert_array_equal(source_images(adv, labels[[4, 0, 3]], clean, labels),
+                                  [4, 0, 3])
+
+    attacks = {"a": {"n_adv": 3, "auroc": 0.9, "tpr_at_5": 0.2},
+               "b": {"n_adv": 5, "auroc": 0.8, "tpr_at_5": 0.7}, "c": {"n_adv": 0}}
+    assert worst_case(attacks) == {"auroc": 0.8, "auroc_attack": "b", "tpr_at_5": 0.2,
+                                   "tpr_at_5_attack": "a"}
