@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ WEIGHTS = "weights.safetensors"
 PROFILE = "profile.safetensors"
 DETECTOR = "detector.skops"
 
-#: Every type a detector file may contain; anything else is refused on load.
-TRUSTED_TYPES = (
+#: Every type a detector file may contain; anything else is refused on load, including types
+#: that skops itself would trust by default (any other scikit-learn estimator, say).
+TRUSTED_TYPES = frozenset({
     "detector.estimator.PathDetector",
     "sklearn.calibration.CalibratedClassifierCV",
     "sklearn.calibration._CalibratedClassifier",
@@ -48,6 +50,7 @@ TRUSTED_TYPES = (
     "sklearn.isotonic.IsotonicRegression",
     "sklearn.pipeline.Pipeline",
     "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._label.LabelEncoder",
     "sklearn.linear_model._logistic.LogisticRegression",
     "sklearn.ensemble._forest.RandomForestClassifier",
     "sklearn.tree._classes.DecisionTreeClassifier",
@@ -59,12 +62,18 @@ TRUSTED_TYPES = (
     "sklearn._loss.link.LogitLink",
     "sklearn._loss.link.Interval",
     "sklearn._loss._loss.CyHalfBinomialLoss",
-    "sklearn.utils._bunch.Bunch",
-    "numpy.random._mt19937.MT19937",
+    "numpy.random._generator.Generator",
     "numpy.random.mtrand.RandomState",
-    "builtins.slice",
+    "numpy.random._mt19937.MT19937",
+    "numpy.random._pcg64.PCG64",
+    "numpy.ndarray",
+    "numpy.dtype",
+    *(f"numpy.{t}" for t in ("float64", "float32", "int64", "int32", "uint64", "uint32",
+                              "uint8", "bool_")),
+    *(f"builtins.{t}" for t in ("dict", "list", "tuple", "str", "int", "float", "bool",
+                                 "NoneType", "slice", "type")),
     "collections.OrderedDict",
-)
+})
 
 
 class BundleError(ValueError):
@@ -198,16 +207,36 @@ def load_bundle(directory: str | Path) -> Bundle:
     return Bundle(directory, manifest, spec, model, profile, detector)
 
 
+def _schema_types(node: object) -> set[str]:
+    """Every ``module.class`` named anywhere in a skops schema."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("__module__"), str) and isinstance(item.get("__class__"), str):
+                found.add(f"{item['__module__']}.{item['__class__']}")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
 def load_detector(path: Path) -> PathDetector:
-    """Load a skops detector file, refusing any type outside :data:`TRUSTED_TYPES`."""
+    """Load a skops detector file whose every type is in :data:`TRUSTED_TYPES`."""
     try:
-        untrusted = set(sio.get_untrusted_types(file=path)) - set(TRUSTED_TYPES)
-    except Exception as e:  # skops raises various errors on corrupt archives
+        with zipfile.ZipFile(path) as archive:
+            schema = json.loads(archive.read("schema.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise BundleError(f"{path} is not a readable skops file ({e!r})") from e
+    untrusted = _schema_types(schema) - TRUSTED_TYPES
     if untrusted:
         raise BundleError(f"{path} contains types outside the allow-list, refusing to load: "
                           f"{sorted(untrusted)}")
-    detector = sio.load(path, trusted=list(TRUSTED_TYPES))
+    try:
+        detector = sio.load(path, trusted=sorted(TRUSTED_TYPES))
+    except Exception as e:  # skops raises many kinds of errors on malformed archives
+        raise BundleError(f"{path} could not be loaded by skops ({e!r})") from e
     if not isinstance(detector, PathDetector):
         raise BundleError(f"{path} holds a {type(detector).__name__}, not a PathDetector")
     return detector

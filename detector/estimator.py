@@ -92,8 +92,9 @@ class PathDetector(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_ = unique_labels(y)
         if len(self.classes_) != 2:
-            raise ValueError(f"PathDetector needs exactly 2 classes (clean, adversarial), "
-                             f"got {len(self.classes_)}: {self.classes_!r}")
+            raise ValueError(f"Only binary classification is supported: PathDetector needs "
+                             f"exactly 2 classes (clean, adversarial), got "
+                             f"{len(self.classes_)} class(es): {self.classes_!r}")
         positive = y == self.classes_[1]
         fit_idx, hold_idx = self._split(positive, groups)
         inner = make_inner(self.model, self.random_state)
@@ -141,8 +142,10 @@ class PathDetector(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """(N,) adversarial probability minus the threshold; > 0 means flagged."""
+        check_is_fitted(self)
         return self.predict_proba(X)[:, 1] - self.threshold_
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """(N,) labels: ``classes_[1]`` where flagged at the threshold, else ``classes_[0]``."""
+        check_is_fitted(self)
         return self.classes_[(self.decision_function(X) > 0).astype(int)]

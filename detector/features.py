@@ -99,7 +99,9 @@ class PathProfile:
             raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
         layers = {}
         for name, bits in paths.bits.items():
-            g = paths.gate_logits[name]
+            # float64, as stored by to_arrays: the fitted and the reloaded profile agree exactly
+            bits = bits.astype(np.float64)
+            g = paths.gate_logits[name].astype(np.float64)
             k_freq, k_mean, k_var = [], [], []
             for c in range(num_classes):
                 sel = labels == c

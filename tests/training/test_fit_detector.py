@@ -1,0 +1,140 @@
+"""``training.fit_detector`` end to end on a tiny digits subset, and its command-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detector.bundle import load_bundle
+from training import fit_detector
+
+ROOT = Path(__file__).resolve().parents[2]
+EVAL_LABELS = ("FGSM eps=0.2", "DEEPFOOL")
+
+
+def tiny_args(checkpoint, out, *extra):
+    return ["--checkpoint", str(checkpoint), "--max-fit", "60", "--max-eval", "60",
+            "--max-profile", "300", "--fit-attacks", "fgsm:0.2", "pgd:0.2",
+            "--eval-attacks", "fgsm:0.2", "deepfool", "--compare", "logistic",
+            "--square-queries", "50", "--out", str(out), "--threads", "1", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_decoupled_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit_detector") / "detector"
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, out))
+    torch.set_num_threads(1)
+    return out
+
+
+def test_writes_all_outputs(run):
+    assert {p.name for p in run.iterdir()} >= {"bundle", "metrics.json", "report.md", "roc.png",
+                                              "adversarial.npz"}
+    assert (run / "bundle" / "manifest.json").is_file()
+    assert (run / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run / "report.md").read_text()
+    assert report.startswith("# Detector report: small_cnn-digits")
+    assert all(label in report for label in EVAL_LABELS)
+
+
+def test_metrics_cover_each_eval_attack(run, tiny_decoupled_checkpoint):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["config"]["checkpoint"] == str(tiny_decoupled_checkpoint)
+    assert metrics["config"]["fit_attacks"] == ["FGSM eps=0.2", "PGD eps=0.2"]
+    assert 0 < metrics["n_fit_images"] <= 60 and 0 < metrics["n_eval_images"] <= 60
+    attacks = metrics["evaluation"]["attacks"]
+    assert list(attacks) == list(EVAL_LABELS)
+    assert attacks["FGSM eps=0.2"]["fitted"] and not attacks["DEEPFOOL"]["fitted"]
+    for m in attacks.values():
+        assert m["n_adv"] > 0 and 0.0 <= m["auroc"] <= 1.0
+    assert attacks["FGSM eps=0.2"]["auroc"] > 0.8  # a fitted attack on a tiny model is easy
+    assert set(metrics["variants"]) == {"logistic"}
+    assert metrics["variants"]["logistic"]["auroc"]["DEEPFOOL"] == attacks["DEEPFOOL"]["auroc"]
+    assert metrics["evaluation"]["worst"]["auroc"] == min(m["auroc"] for m in attacks.values())
+
+
+def test_bundle_loads_and_matches_the_metrics(run):
+    bundle = load_bundle(run / "bundle")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert bundle.name == metrics["name"] == "small_cnn-digits"
+    assert bundle.detector.threshold_ == metrics["threshold"]
+    assert bundle.manifest["metrics"]["auroc"] == {
+        k: v["auroc"] for k, v in metrics["evaluation"]["attacks"].items()}
+    # the bundle flags the evaluation clean images at the rate the metrics report
+    arrays = np.load(run / "adversarial.npz")
+    clean = torch.from_numpy(arrays["eval_clean_x"])
+    analysis = bundle.analyze(clean)
+    np.testing.assert_array_equal(analysis.predictions, arrays["eval_clean_y"])
+    assert analysis.flagged.mean() == pytest.approx(metrics["evaluation"]["clean_fpr"],
+                                                    abs=1.5 / len(clean))
+
+
+def test_adversarial_archive(run):
+    arrays = np.load(run / "adversarial.npz")
+    labels = [str(arrays[f"eval_adv{i}_label"]) for i in range(2)]
+    assert labels == list(EVAL_LABELS)
+    for prefix in ("fit", "eval"):
+        x = arrays[f"{prefix}_clean_x"]
+        assert x.shape[1:] == (1, 8, 8) and x.dtype == np.float32
+        assert len(arrays[f"{prefix}_clean_y"]) == len(x)
+    fgsm = arrays["eval_adv0_x"]
+    assert fgsm.min() >= 0 and fgsm.max() <= 1 and len(arrays["eval_adv0_y"]) == len(fgsm)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--fit-attacks", "foo:0.1"], "unknown attack 'foo:0.1'"),
+    (["--eval-attacks", "pgd:2"], r"strength of 'pgd:2' must be in (0, 1]"),
+    (["--eval-attacks", "fgsm:x"], "bad strength in attack 'fgsm:x'"),
+    (["--target-fpr", "0.7"], "--target-fpr must be in (0, 0.5), got 0.7"),
+    (["--compare", "svm"], "bad --compare variant 'svm'"),
+    (["--compare", "logistic+foo"], "bad --compare variant 'logistic+foo'"),
+])
+def test_bad_values_exit_2_naming_them(tiny_decoupled_checkpoint, tmp_path, capsys, extra,
+                                       message):
+    with pytest.raises(SystemExit) as exc:
+        fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path / "out", *extra))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_checkpoint_is_refused(tiny_base_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fit_detector.cli(tiny_args(tiny_base_checkpoint, tmp_path / "out"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {tiny_base_checkpoint} is not decoupled" in err
+    assert "Traceback" not in err
+
+
+def test_missing_checkpoint_is_refused(tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(SystemExit) as exc:
+        fit_detector.cli(tiny_args(missing, tmp_path / "out"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint file not found: {missing}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-fit", "0"], "must be > 0, got '0'"),
+    (["--detector", "svm"], "invalid choice: 'svm'"),
+])
+def test_argparse_errors_exit_2(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        fit_detector.cli(tiny_args(tmp_path / "ckpt", tmp_path / "out", *extra))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "training.fit_detector", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint" in result.stdout and "--eval-attacks" in result.stdout
+    assert result.stdout.startswith("usage: python -m training.fit_detector")
