@@ -1,0 +1,255 @@
+"""Load test of the real server next to the bare model, in one run.
+
+Starts ``python -m service`` on a free localhost port, drives ``POST /classify`` with a bounded
+load (httpx AsyncClient; concurrency 1, 8 and 32 by default) and reports throughput and
+p50/p95/p99 latency, next to ``bundle.analyze`` on one image (median) and on batches of 32, all
+with the same pinned thread count. Prints the done-when ratios:
+
+- p50 latency at concurrency 1 / bare single-image time   (target <= 3x)
+- throughput at concurrency 32 / at concurrency 1          (target >= 2x)
+- throughput at concurrency 32 / bare batched throughput   (target >= 0.25)
+
+Usage::
+
+    python benchmarks/serve.py --bundle runs/digits/detector/bundle
+    python benchmarks/serve.py --bundle ... --compare-micro-batch   # on vs off
+
+The client runs in this process and shares the CPU with the server: on a small machine the
+numbers include its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from detector.bundle import Bundle, load_bundle
+
+log = logging.getLogger("benchmarks.serve")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: np.ndarray  # (requests,) seconds
+    mean_batch: float  # images per forward pass on the server during the run
+    server_cpu: float  # CPU seconds the server process used during the run
+    client_cpu: float  # CPU seconds this (client) process used during the run
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q))
+
+
+def sample_png(bundle: Bundle, seed: int = 0) -> bytes:
+    """A random image of exactly the model's input size (no resizing on the server)."""
+    c, h, w = bundle.spec.input_shape
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bare_times(bundle: Bundle, repeats: int, batch: int) -> tuple[float, float]:
+    """Median seconds of bundle.analyze on 1 image, and images/s on batches of ``batch``."""
+    c, h, w = bundle.spec.input_shape
+    one, many = torch.rand(1, c, h, w), torch.rand(batch, c, h, w)
+    for x in (one, many, one, many):
+        bundle.analyze(x)
+    singles = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        bundle.analyze(one)
+        singles.append(time.perf_counter() - start)
+    batches = []
+    for _ in range(max(5, repeats // 5)):
+        start = time.perf_counter()
+        bundle.analyze(many)
+        batches.append(time.perf_counter() - start)
+    return statistics.median(singles), batch / statistics.median(batches)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(bundle: Path, port: int, threads: int, micro_batch: bool,
+                 batch_wait_ms: float) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_")}
+    env.update(PATHGUARD_BUNDLE=str(bundle), PATHGUARD_PORT=str(port),
+               PATHGUARD_INFERENCE_THREADS=str(threads),
+               PATHGUARD_MICRO_BATCH=str(micro_batch).lower(), PATHGUARD_LOG_LEVEL="warning",
+               PATHGUARD_BATCH_WAIT_MS=str(batch_wait_ms),
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/v2/health/ready"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server not ready within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batch_stats(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) of the server's inference_batch_size histogram."""
+    values = dict(re.findall(r"^pathguard_inference_batch_size_(sum|count) (\S+)$",
+                             metrics_text, flags=re.MULTILINE))
+    return float(values.get("sum", 0)), float(values.get("count", 0))
+
+
+async def drive(url: str, image: bytes, concurrency: int, requests: int,
+                server_pid: int) -> LoadResult:
+    """``requests`` POSTs of ``image`` from ``concurrency`` concurrent clients.
+
+    Each worker has its own AsyncClient (one keep-alive connection): one client shared by 32
+    tasks spends several ms of CPU per request in its connection pool, which on a small
+    machine is taken from the server under test.
+    """
+    clients = [httpx.AsyncClient(base_url=url, timeout=60.0) for _ in range(concurrency)]
+
+    async def one(client: httpx.AsyncClient) -> float:
+        start = time.perf_counter()
+        r = await client.post("/classify?layers=false",
+                              files={"file": ("x.png", image, "image/png")})
+        if r.status_code != 200:
+            raise RuntimeError(f"/classify answered {r.status_code}: {r.text}")
+        return time.perf_counter() - start
+
+    async def worker(client: httpx.AsyncClient, count: int) -> list[float]:
+        return [await one(client) for _ in range(count)]
+
+    try:
+        await asyncio.gather(*(worker(c, 2) for c in clients))  # connect and warm up
+        before = batch_stats((await clients[0].get("/metrics")).text)
+        shares = [requests // concurrency + (i < requests % concurrency)
+                  for i in range(concurrency)]
+        cpu_server, cpu_client = process_cpu(server_pid), time.process_time()
+        start = time.perf_counter()
+        results = await asyncio.gather(*(worker(c, n) for c, n in zip(clients, shares,
+                                                                       strict=True)))
+        seconds = time.perf_counter() - start
+        cpu_server = process_cpu(server_pid) - cpu_server
+        cpu_client = time.process_time() - cpu_client
+        after = batch_stats((await clients[0].get("/metrics")).text)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    images, passes = after[0] - before[0], after[1] - before[1]
+    return LoadResult(concurrency, requests, seconds,
+                      np.array([t for r in results for t in r]), images / max(passes, 1),
+                      cpu_server, cpu_client)
+
+
+def run_server(args: argparse.Namespace, image: bytes, micro_batch: bool) -> list[LoadResult]:
+    port = free_port()
+    proc = start_server(args.bundle, port, args.threads, micro_batch, args.batch_wait_ms)
+    try:
+        return [asyncio.run(drive(f"http://127.0.0.1:{port}", image, c, args.requests,
+                                  proc.pid)) for c in args.concurrency]
+    finally:
+        stop_server(proc)
+
+
+def report(title: str, single: float, batched: float, results: list[LoadResult]) -> None:
+    print(f"\n{title}")  # noqa: T201
+    rows = [f"{'':<24}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'batch':>8}"
+            f"{'srv cpu ms/req':>16}{'client cpu ms/req':>19}",
+            f"{'bare analyze, 1 image':<24}{1 / single:>10.0f}{single * 1e3:>10.2f}",
+            f"{'bare analyze, batch 32':<24}{batched:>10.0f}"]
+    rows += [f"{f'/classify c={r.concurrency}':<24}{r.throughput:>10.0f}"
+             f"{r.percentile(50) * 1e3:>10.2f}{r.percentile(95) * 1e3:>10.2f}"
+             f"{r.percentile(99) * 1e3:>10.2f}{r.mean_batch:>8.1f}"
+             f"{r.server_cpu / r.requests * 1e3:>16.2f}{r.client_cpu / r.requests * 1e3:>19.2f}"
+             for r in results]
+    print("\n".join(rows))  # noqa: T201
+    by_c = {r.concurrency: r for r in results}
+    lo, hi = min(by_c), max(by_c)
+    ratios = [
+        (f"p50@c{lo} / bare single", by_c[lo].percentile(50) / single, "<= 3"),
+        (f"throughput c{hi} / c{lo}", by_c[hi].throughput / by_c[lo].throughput, ">= 2"),
+        (f"throughput c{hi} / bare batched", by_c[hi].throughput / batched, ">= 0.25"),
+    ]
+    for name, value, target in ratios:
+        print(f"  {name:<34}{value:>7.2f}x   (target {target})")  # noqa: T201
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=Path("runs/digits/detector/bundle"))
+    p.add_argument("--requests", type=int, default=300, help="per concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
+    p.add_argument("--repeats", type=int, default=100, help="bare single-image timings")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="the server's PATHGUARD_BATCH_WAIT_MS (default: %(default)s)")
+    p.add_argument("--compare-micro-batch", action="store_true",
+                   help="run the server with micro-batching on and off")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle)
+    single, batched = bare_times(bundle, args.repeats, 32)
+    image = sample_png(bundle)
+    modes = [True, False] if args.compare_micro_batch else [True]
+    for micro_batch in modes:
+        log.info("server with micro-batching %s ...", "on" if micro_batch else "off")
+        results = run_server(args, image, micro_batch)
+        mode = f"on, wait {args.batch_wait_ms:g} ms" if micro_batch else "off"
+        report(f"{bundle.name}: {args.threads} thread(s), micro-batching {mode}, "
+               f"{args.requests} requests per level",
+               single, batched, results)
+
+
+if __name__ == "__main__":
+    main()

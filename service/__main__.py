@@ -1,0 +1,73 @@
+"""``python -m service``: serve the detector with uvicorn.
+
+Settings come from ``PATHGUARD_*`` environment variables or a ``.env`` file in the working
+directory (see :class:`service.config.Settings`, or ``python -m service --help``). The bundle
+is checked before the server starts; without a usable one the command exits with status 2 and
+says how to build one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+from uvicorn.config import LOGGING_CONFIG
+
+from detector.bundle import BundleError, read_manifest
+from service.app import create_app
+from service.config import ENV_PREFIX, Settings, bundle_help
+
+log = logging.getLogger("service")
+
+
+def _settings_help() -> str:
+    lines = ["settings (environment variables, or a .env file):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {ENV_PREFIX}{name.upper():<22} {field.description or ''} "
+                     f"(default: {default})")
+    return "\n".join(lines)
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging config plus this package's loggers (applied in every worker)."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for name in ("service", "detector"):
+        config["loggers"][name] = {"handlers": ["default"], "level": level.upper(),
+                                   "propagate": False}
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="Serve the adversarial-example detector.",
+        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        sys.stderr.write(f"python -m service: invalid settings:\n{e}\n")
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        read_manifest(settings.bundle)  # fail fast with a clear message; the lifespan loads it
+    except BundleError as e:
+        log.error("%s", bundle_help(settings.bundle, str(e)))
+        return 2
+    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+              "access_log": settings.access_log, "log_config": _log_config(settings.log_level)}
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+    else:  # each worker process builds its app from the same environment
+        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The FastAPI app factory and its lifespan: load + verify the bundle, warm up, then serve.
+
+``create_app(settings)`` builds a fresh app with its own metrics registry and no model; the
+lifespan (run by uvicorn or ``with TestClient(app)``) loads the bundle, sets torch's thread
+count, warms the model up in the inference threads and starts the micro-batcher, and only then
+marks the service ready. State lives on ``app.state``: ``settings``, ``metrics`` and
+``service`` (:class:`~service.deps.ServiceState`, ``None`` outside the lifespan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import anyio
+import torch
+from fastapi import FastAPI
+from PIL import Image
+
+from detector.bundle import Bundle, BundleError, load_bundle
+from service.batching import MicroBatcher
+from service.config import Settings, bundle_help
+from service.deps import ServiceState
+from service.errors import BodyLimit, install_error_handlers
+from service.imaging import decode_image
+from service.metrics import Metrics, RequestMetricsMiddleware
+from service.results import ModelCard
+from service.routes import router
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """Adversarial-example detection from the computation paths of a decoupled
+(gated) CNN: each image gets a class prediction, a calibrated adversarial score with the
+bundle's threshold and the false-positive rate it was set at, and the per-layer path report.
+"""
+
+
+def _package_version() -> str:
+    try:
+        return version("pathguard")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app; ``settings`` default to the environment / ``.env`` (:class:`Settings`)."""
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+    app = FastAPI(title="pathguard", description=DESCRIPTION, version=_package_version(),
+                  lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _warm_up(bundle: Bundle, executor: Executor, settings: Settings) -> None:
+    """Run the model at batch sizes 1 and max in every inference thread, and one decode."""
+    c, h, w = bundle.spec.input_shape
+    loop = asyncio.get_running_loop()
+    sizes = [1, settings.max_batch_size if settings.micro_batch else 1]
+    jobs = [loop.run_in_executor(executor, bundle.analyze, torch.zeros(n, c, h, w))
+            for _ in range(2 * settings.inference_workers) for n in sizes]
+    await asyncio.gather(*jobs)
+    png = io.BytesIO()
+    Image.new("L" if c == 1 else "RGB", (w, h)).save(png, "PNG")
+    decode_image(png.getvalue(), channels=c, size=(h, w), max_pixels=h * w)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    torch.set_num_threads(settings.inference_threads)
+    try:
+        bundle = await anyio.to_thread.run_sync(load_bundle, settings.bundle)
+    except BundleError as e:
+        message = bundle_help(settings.bundle, str(e))
+        log.error("%s", message)
+        raise BundleError(message) from None
+    async with AsyncExitStack() as stack:
+        executor = ThreadPoolExecutor(settings.inference_workers,
+                                      thread_name_prefix="pathguard-inference")
+        stack.callback(executor.shutdown, wait=True)
+        await _warm_up(bundle, executor, settings)
+        batcher = MicroBatcher(
+            bundle.analyze, executor,
+            max_batch=settings.max_batch_size if settings.micro_batch else 1,
+            max_wait_s=settings.batch_wait_ms / 1e3, max_pending=settings.max_queue,
+            workers=settings.inference_workers, on_batch=metrics.observe_batch)
+        await batcher.start()
+        stack.push_async_callback(batcher.close)
+        card = ModelCard.from_bundle(bundle)
+        metrics.model.labels(card.name, card.version).set(1)
+        metrics.track_queue(lambda: batcher.pending)
+        state = ServiceState(settings=settings, bundle=bundle, card=card, batcher=batcher,
+                             decode_limiter=anyio.CapacityLimiter(settings.decode_workers))
+        app.state.service = state
+        state.ready = True
+        log.info("ready: model %s version %s from %s (input %s, %d classes, threshold %.3f at "
+                 "target FPR %.3f; %d inference thread(s), micro-batching %s)", card.name,
+                 card.version, settings.bundle, "x".join(map(str, card.input_shape)),
+                 len(card.labels), card.threshold, card.target_fpr,
+                 settings.inference_threads,
+                 f"up to {settings.max_batch_size}" if settings.micro_batch else "off")
+        try:
+            yield
+        finally:
+            state.ready = False
+            app.state.service = None
+            log.info("shutting down")

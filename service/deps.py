@@ -1,0 +1,103 @@
+"""Service state on ``app.state`` and the typed dependencies routes use to reach it.
+
+Dependencies are ``async def`` although they do not await: FastAPI runs plain ``def``
+dependencies in a worker thread, a hop per dependency per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from detector.bundle import Bundle
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.results import ModelCard
+
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass
+class ServiceState:
+    """What the lifespan builds: the loaded bundle and the machinery around it."""
+
+    settings: Settings
+    bundle: Bundle
+    card: ModelCard
+    batcher: MicroBatcher
+    decode_limiter: anyio.CapacityLimiter
+    ready: bool = False
+
+
+def _service(request: Request) -> ServiceState:
+    service: ServiceState | None = request.app.state.service
+    if service is None or not service.ready:
+        raise ApiError(503, "not_ready", "the model is not loaded yet; retry shortly",
+                       headers={"Retry-After": "1"})
+    return service
+
+
+def _model(service: ServiceState, name: str) -> ServiceState:
+    if name != service.card.name:
+        raise ApiError(404, "unknown_model", f"unknown model {name!r}; this server serves "
+                       f"{service.card.name!r}")
+    return service
+
+
+_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                        description="required when the server has PATHGUARD_API_KEY set")
+ApiKey = Annotated[str | None, Security(_api_key)]
+
+
+def _check_key(settings: Settings, key: str | None) -> None:
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    if key is None or not hmac.compare_digest(key.encode(), expected):
+        raise ApiError(401, "unauthorized", f"missing or wrong API key; send it in the "
+                       f"{API_KEY_HEADER} header", headers={"WWW-Authenticate": API_KEY_HEADER})
+
+
+async def get_service(request: Request) -> ServiceState:
+    """The loaded service; 503 while the model is not ready. No API key needed."""
+    return _service(request)
+
+
+async def get_model(request: Request, name: str) -> ServiceState:
+    """The service, if ``name`` (a path parameter) is the served model; else 404."""
+    return _model(_service(request), name)
+
+
+async def get_authorized_service(request: Request, key: ApiKey) -> ServiceState:
+    """As :func:`get_service`, after a 401 unless the API key is off or matches."""
+    _check_key(request.app.state.settings, key)
+    return _service(request)
+
+
+async def get_authorized_model(request: Request, name: str, key: ApiKey) -> ServiceState:
+    """As :func:`get_model`, after a 401 unless the API key is off or matches."""
+    _check_key(request.app.state.settings, key)
+    return _model(_service(request), name)
+
+
+async def get_metrics_authorized(request: Request, key: ApiKey) -> Metrics:
+    """The metrics; 401 if ``metrics_require_key`` is set and the key does not match."""
+    settings: Settings = request.app.state.settings
+    if settings.metrics_require_key:
+        _check_key(settings, key)
+    return request.app.state.metrics
+
+
+# One dependency per route keeps FastAPI's per-request dependency solving short.
+ServiceDep = Annotated[ServiceState, Depends(get_service)]
+ModelDep = Annotated[ServiceState, Depends(get_model)]
+AuthorizedServiceDep = Annotated[ServiceState, Depends(get_authorized_service)]
+AuthorizedModelDep = Annotated[ServiceState, Depends(get_authorized_model)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics_authorized)]

@@ -1,0 +1,110 @@
+"""Analysis rows -> response models of the image API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.analysis import Analysis
+from detector.bundle import WEIGHTS, Bundle
+from service.imaging import DecodedImage
+from service.schemas import (
+    Adversarial,
+    ClassScore,
+    ImageResult,
+    InputReport,
+    LayerReport,
+    ModelRef,
+    PathReport,
+    Prediction,
+)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What responses say about the served bundle, read once from its manifest.
+
+    input_shape: (C, H, W); threshold, target_fpr, clean_fpr: the detector's operating point.
+    """
+
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    threshold: float
+    target_fpr: float
+    clean_fpr: float | None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ModelCard:
+        det = bundle.manifest.get("detector", {})
+        clean_fpr = det.get("clean_fpr")
+        return cls(
+            name=bundle.name,
+            version=str(bundle.manifest.get("version")
+                        or bundle.manifest["files"][WEIGHTS][:12]),
+            labels=tuple(bundle.spec.classes),
+            input_shape=tuple(bundle.spec.input_shape),  # type: ignore[arg-type]
+            threshold=float(bundle.detector.threshold_),
+            target_fpr=float(det.get("target_fpr", bundle.detector.target_fpr)),
+            clean_fpr=None if clean_fpr is None else float(clean_fpr),
+        )
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version)
+
+
+def prediction(card: ModelCard, probs: np.ndarray, top_k: int) -> Prediction:
+    """probs: (K,) softmax probabilities of one image."""
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    best = int(order[0])
+    return Prediction(
+        index=best, label=card.labels[best], confidence=float(probs[best]),
+        top_k=[ClassScore(index=int(k), label=card.labels[k], probability=float(probs[k]))
+               for k in order])
+
+
+def image_result(card: ModelCard, analysis: Analysis, row: int, decoded: DecodedImage,
+                 filename: str | None, *, top_k: int, layers: bool) -> ImageResult:
+    """The response for image ``row`` of ``analysis`` (decoded from ``decoded``)."""
+    anomaly = analysis.layer_anomaly[row]  # (L,)
+    report = None
+    if layers:
+        report = [LayerReport(name=analysis.layer_names[j], open=int(analysis.layer_open[row, j]),
+                              total=int(analysis.layer_filters[j]), anomaly=float(anomaly[j]))
+                  for j in np.argsort(-anomaly, kind="stable")]
+    score = float(analysis.scores[row])
+    flagged = bool(analysis.flagged[row])
+    return ImageResult(
+        prediction=prediction(card, analysis.probs[row], top_k),
+        adversarial=Adversarial(score=score, flagged=flagged,
+                                verdict="adversarial" if flagged else "clean",
+                                threshold=card.threshold, target_fpr=card.target_fpr,
+                                clean_fpr=card.clean_fpr),
+        path=PathReport(open_fraction=float(analysis.open_fraction[row]),
+                        flops_fraction=float(analysis.flops_fraction[row]),
+                        max_anomaly=float(anomaly.max()), layers=report),
+        input=input_report(card, decoded, filename),
+    )
+
+
+def input_report(card: ModelCard, decoded: DecodedImage, filename: str | None) -> InputReport:
+    changes = []
+    if decoded.resized:
+        _, h, w = card.input_shape
+        changes.append(f"resized from {decoded.width}x{decoded.height} to {w}x{h}")
+    if decoded.converted:
+        changes.append(f"converted from mode {decoded.mode}")
+    if decoded.lossy:
+        changes.append(f"lossily compressed ({decoded.format})")
+    note = None
+    if changes:
+        note = (f"the image was {', '.join(changes)}: this changes pixel values and any "
+                f"adversarial perturbation in them; to score exact pixels send the tensor to "
+                f"/v2/models/{card.name}/infer")
+    return InputReport(filename=filename, format=decoded.format, width=decoded.width,
+                       height=decoded.height, mode=decoded.mode, resized=decoded.resized,
+                       converted=decoded.converted, lossy=decoded.lossy,
+                       model_input=list(card.input_shape), note=note)

@@ -1,0 +1,192 @@
+"""Request and response models of the HTTP API (pydantic v2; they make the OpenAPI schema).
+
+Two families: the image API (``/classify``) and the Open Inference Protocol (``/v2``,
+https://github.com/kserve/open-inference-protocol) for exact tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, StrictFloat
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a message for people and a code for programs."""
+
+    error: str = Field(description="what went wrong and how to fix it")
+    code: str = Field(description="machine-readable reason, e.g. not_an_image, overloaded")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="for request validation errors (422): each failed field")
+
+
+# --- image API -------------------------------------------------------------------------------
+
+
+class ModelRef(BaseModel):
+    name: str = Field(description="the bundle's name")
+    version: str = Field(description="first 12 hex digits of the weights' SHA-256")
+
+
+class ClassScore(BaseModel):
+    index: int = Field(description="class index")
+    label: str = Field(description="class name")
+    probability: float = Field(ge=0.0, le=1.0, description="softmax probability")
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="predicted class index")
+    label: str = Field(description="predicted class name")
+    confidence: float = Field(ge=0.0, le=1.0, description="softmax probability of the "
+                              "predicted class")
+    top_k: list[ClassScore] = Field(description="the k most probable classes, best first")
+
+
+class Adversarial(BaseModel):
+    score: float = Field(ge=0.0, le=1.0, description="calibrated probability that the input "
+                         "is adversarial")
+    flagged: bool = Field(description="score above the threshold")
+    verdict: Literal["adversarial", "clean"]
+    threshold: float = Field(description="the bundle's decision threshold on the score")
+    target_fpr: float = Field(description="false-positive rate on clean data the threshold "
+                              "was set for")
+    clean_fpr: float | None = Field(description="false-positive rate the threshold gave on "
+                                    "held-out clean data")
+
+
+class LayerReport(BaseModel):
+    name: str = Field(description="module path of the gated conv in the network")
+    open: int = Field(ge=0, description="filters the gates left open for this input")
+    total: int = Field(ge=1, description="filters of the layer")
+    anomaly: float = Field(description="z-score of the layer's path against the predicted "
+                           "class's typical path on clean data (above ~3 is unusual)")
+
+
+class PathReport(BaseModel):
+    open_fraction: float = Field(ge=0.0, le=1.0, description="open share of all gated "
+                                 "filters")
+    flops_fraction: float = Field(ge=0.0, description="executed / dense multiply-accumulates")
+    max_anomaly: float = Field(description="largest layer anomaly")
+    layers: list[LayerReport] | None = Field(
+        None, description="gated layers, most anomalous first (left out with layers=false)")
+
+
+class InputReport(BaseModel):
+    filename: str | None = Field(None, description="the upload's file name")
+    format: str = Field(description="file format: PNG, JPEG, WEBP or BMP")
+    width: int = Field(description="width of the uploaded image")
+    height: int = Field(description="height of the uploaded image")
+    mode: str = Field(description="Pillow mode of the upload (L, RGB, RGBA, P, I;16, ...)")
+    resized: bool = Field(description="scaled to the model's input size (bilinear)")
+    converted: bool = Field(description="colour mode, bit depth or transparency changed")
+    lossy: bool = Field(description="the file format compressed lossily (JPEG, lossy WebP)")
+    model_input: list[int] = Field(description="(C, H, W) the model saw")
+    note: str | None = Field(None, description="why the score may not reflect the original "
+                             "pixels")
+
+
+class ImageResult(BaseModel):
+    prediction: Prediction
+    adversarial: Adversarial
+    path: PathReport
+    input: InputReport
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(description="reading and decoding the upload(s)")
+    queue_ms: float = Field(description="waiting for an inference worker")
+    inference_ms: float = Field(description="the forward pass with the detector")
+    total_ms: float = Field(description="in the handler, end to end")
+    batch_size: int = Field(description="images in the forward pass this request shared")
+
+
+class ClassifyResponse(ImageResult):
+    model: ModelRef
+    timing: Timing
+
+
+class BatchResponse(BaseModel):
+    model: ModelRef
+    results: list[ImageResult] = Field(description="one per uploaded file, in upload order")
+    timing: Timing
+
+
+# --- Open Inference Protocol -----------------------------------------------------------------
+
+Parameters = dict[str, str | int | float | bool]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = []
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a variable dimension")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class InferInput(BaseModel):
+    name: str = Field(description="must be 'input'")
+    shape: list[int] = Field(description="[N, C, H, W] with the model's C, H, W")
+    datatype: str = Field(description="must be FP32")
+    data: list[StrictFloat] = Field(description="N*C*H*W numbers in [0, 1], flat, row-major "
+                                    "(NCHW)")
+    parameters: Parameters | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferInput] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = Field(
+        None, description="outputs to return (default: all)")
+    parameters: Parameters | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[bool | int | float] = Field(description="flat, row-major")
+    parameters: Parameters | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[InferOutput]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses."""
+    return {code: {"model": ErrorBody} for code in codes}
