@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,19 @@ class Analysis:
     layer_filters: np.ndarray
     open_fraction: np.ndarray
     flops_fraction: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def take(self, start: int, stop: int) -> Analysis:
+        """The results of images ``start:stop`` (per-image arrays sliced, the rest shared)."""
+        rows = slice(start, stop)
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                if f.name not in _PER_LAYER and
+                                isinstance(getattr(self, f.name), np.ndarray)})
+
+
+_PER_LAYER = {"layer_filters"}
 
 
 def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import skops.io as sio
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -124,6 +123,8 @@ def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS))
     save_file(profile.to_arrays(), str(directory / PROFILE))
+    import skops.io as sio  # slow to import (~3 s); only needed here and in load_detector
+
     sio.dump(detector, directory / DETECTOR)
     layers = gated_layers(model)
     manifest = {
@@ -233,6 +234,8 @@ def load_detector(path: Path) -> PathDetector:
     if untrusted:
         raise BundleError(f"{path} contains types outside the allow-list, refusing to load: "
                           f"{sorted(untrusted)}")
+    import skops.io as sio
+
     try:
         detector = sio.load(path, trusted=sorted(TRUSTED_TYPES))
     except Exception as e:  # skops raises many kinds of errors on malformed archives

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -160,6 +159,8 @@ def create_model(
     if name in _TORCHVISION:
         mean = kwargs.pop("mean", IMAGENET_MEAN if in_channels == 3 else (0.5,) * in_channels)
         std = kwargs.pop("std", IMAGENET_STD if in_channels == 3 else (0.5,) * in_channels)
+        import torchvision  # slow to import; only the ImageNet architectures need it
+
         net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
         if in_channels != 3:
             _replace_stem(net, in_channels)

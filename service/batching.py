@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -24,7 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from detector.analysis import Analysis
@@ -56,15 +54,6 @@ class _Item:
     images: torch.Tensor
     future: asyncio.Future[BatchResult]
     submitted: float
-
-
-def take_rows(analysis: Analysis, start: int, stop: int) -> Analysis:
-    """Rows ``start:stop`` of every per-image array of ``analysis``."""
-    rows = slice(start, stop)
-    return dataclasses.replace(
-        analysis,
-        **{f.name: getattr(analysis, f.name)[rows] for f in dataclasses.fields(analysis)
-           if isinstance(getattr(analysis, f.name), np.ndarray) and f.name != "layer_filters"})
 
 
 class MicroBatcher:
@@ -212,6 +201,6 @@ class MicroBatcher:
         offset = 0
         for item, n in zip(batch, sizes, strict=True):
             if not item.future.done():
-                rows = analysis if len(batch) == 1 else take_rows(analysis, offset, offset + n)
+                rows = analysis if len(batch) == 1 else analysis.take(offset, offset + n)
                 item.future.set_result(BatchResult(rows, total, start - item.submitted, seconds))
             offset += n

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from detector.analysis import Analysis
-from service.batching import MicroBatcher, OverloadedError, take_rows
+from service.batching import MicroBatcher, OverloadedError
 
 
 def fake_analysis(images: torch.Tensor) -> Analysis:
@@ -34,9 +34,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_take_rows_slices_per_image_arrays_only():
+def test_analysis_take_slices_per_image_arrays_only():
     a = fake_analysis(images([0.1, 0.2, 0.3]))
-    part = take_rows(a, 1, 3)
+    part = a.take(1, 3)
+    assert len(part) == 2
     np.testing.assert_allclose(part.scores, [0.2, 0.3])
     assert part.layer_open.shape == (2, 2) and part.layer_filters.tolist() == [4, 8]
     assert part.layer_names == ["a", "b"] and part.threshold == 0.5
