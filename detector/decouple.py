@@ -56,8 +56,24 @@ def decouple(model: nn.Module, reduction: int = 4) -> nn.Module:
                 "BatchNorm2d; decouple supports conv-BN pairs in Sequential or convK/bnK blocks"
             )
         bn = getattr(parent, bn_attr)
-        setattr(parent, attr, GatedConv(name, conv, bn, reduction))
+        gated = GatedConv(name, conv, bn, reduction)
+        gated.bn_slot = bn_attr
+        setattr(parent, attr, gated)
         setattr(parent, bn_attr, nn.Identity())
+    return model
+
+
+def strip_gates(model: nn.Module) -> nn.Module:
+    """A plain copy of a decoupled model: gates removed, conv and BN back in their slots.
+
+    Computes what the decoupled model computes with every gate forced open, at dense cost.
+    """
+    model = copy.deepcopy(model)
+    for name, layer in gated_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, layer.conv)
+        setattr(parent, layer.bn_slot, layer.bn)
     return model
 
 

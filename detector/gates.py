@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 class ControlModule(nn.Module):
     """G(s) = FC2(ReLU(FC1(GAP(x)))): gate logits for ``out_channels`` filters.
 
-    Initialised as in the authors' code so that every gate starts open and input-independent:
-    FC1.weight = 0, FC1.bias = 1, FC2 Kaiming-normal, FC2.bias = 1.
+    Initialised as in the authors' code, so that the gates start input-independent and
+    open-biased: FC1.weight = 0, FC1.bias = 1, FC2 Kaiming-normal, FC2.bias = 1, hence every
+    logit is 1 + rowsum(FC2.weight) (about three quarters of the gates start open).
     """
 
     def __init__(self, in_channels: int, out_channels: int, reduction: int = 4) -> None:
@@ -109,6 +110,32 @@ def recording(force_open: bool = False) -> Iterator[PathRecorder]:
         _RECORDER.reset(token)
 
 
+class ConvExecutor(Protocol):
+    """Computes conv, BN and mask of one GatedConv whose gates are already decided."""
+
+    def __call__(self, layer: GatedConv, x: torch.Tensor, z: torch.Tensor,
+                 need_pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, C_in, H, W) layer input, z: (B, C_out) gates -> masked output
+        (B, C_out, H', W') and, if ``need_pooled``, the (B, C_out) spatial mean of the
+        normalised output before masking (else None)."""
+
+
+_EXECUTOR: ContextVar[ConvExecutor | None] = ContextVar("pathguard_conv_executor", default=None)
+
+
+@contextmanager
+def conv_executor(executor: ConvExecutor) -> Iterator[None]:
+    """Run conv, BN and mask of every GatedConv inside the block through ``executor``.
+
+    Affects this thread/task only; used by :func:`detector.sparse.sparse_execution`.
+    """
+    token = _EXECUTOR.set(executor)
+    try:
+        yield
+    finally:
+        _EXECUTOR.reset(token)
+
+
 class GatedConv(nn.Module):
     """conv -> batch norm -> per-filter mask, the mask decided from the conv's input.
 
@@ -120,6 +147,7 @@ class GatedConv(nn.Module):
     def __init__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, reduction: int = 4) -> None:
         super().__init__()
         self.name = name
+        self.bn_slot = "bn"  # attribute of the parent that held ``bn`` (set by decouple)
         self.conv = conv
         self.bn = bn
         self.control = ControlModule(conv.in_channels, conv.out_channels, reduction)
@@ -138,15 +166,22 @@ class GatedConv(nn.Module):
             z = torch.ones_like(logits)
         else:
             z = improved_semhash(logits, self.training)
-        y = self.bn(self.conv(x))  # (B, C_out, H', W')
+        execute = _EXECUTOR.get()
+        if execute is None:
+            y = self.bn(self.conv(x))  # (B, C_out, H', W')
+            out = y * z[:, :, None, None]
+            pooled = y.mean(dim=(2, 3)) if recorder is not None else None
+        else:
+            out, pooled = execute(self, x, z, recorder is not None)
         if recorder is not None:
+            assert pooled is not None
             recorder.records[self.name] = GateRecord(
                 gates=z,
                 logits=logits,
-                pooled=y.mean(dim=(2, 3)),
+                pooled=pooled,
                 in_active=(x.detach().abs().amax(dim=(2, 3)) > 0).sum(dim=1),
                 in_channels=self.conv.in_channels,
                 out_channels=self.conv.out_channels,
-                macs=self.dense_macs((y.shape[2], y.shape[3])),
+                macs=self.dense_macs((out.shape[2], out.shape[3])),
             )
-        return y * z[:, :, None, None]
+        return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.decouple import decouple, gated_layers
+from detector.decouple import decouple, gated_layers, strip_gates
 from detector.gates import GatedConv, recording
 from detector.models import create_model
 
@@ -178,3 +178,17 @@ def test_gated_layers_of_plain_model_is_empty():
     assert gated_layers(create_model("small_cnn")) == {}
     assert all(isinstance(m, GatedConv)
                for m in gated_layers(decouple(create_model("small_cnn"))).values())
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet20", "vgg11_bn"])
+def test_strip_gates_restores_the_dense_network(arch):
+    shape = (1, 8, 8) if arch == "small_cnn" else (3, 32, 32)
+    original = create_model(arch, in_channels=shape[0]).eval()
+    gated = decouple(original).eval()
+    plain = strip_gates(gated).eval()
+    assert not gated_layers(plain)
+    assert gated_layers(gated)  # the argument keeps its gates
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), original(x))
+    assert plain.state_dict().keys() == original.state_dict().keys()
