@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
 from detector.paths import compute_path
+from detector.sparse import sparse_execution
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Analysis:
     layer_filters: np.ndarray
     open_fraction: np.ndarray
     flops_fraction: np.ndarray
+    execution: str = "masked"
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -54,10 +57,21 @@ class Analysis:
 _PER_LAYER = {"layer_filters"}
 
 
+EXECUTIONS = ("masked", "sparse")
+"""``masked``: every filter computed, closed ones zeroed; ``sparse``: only open filters run
+(:mod:`detector.sparse`). Both give the same logits and paths up to float rounding."""
+
+
 def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
-            images: torch.Tensor, network_macs: int) -> Analysis:
-    """images: (N, C, H, W) float32 in [0, 1] -> :class:`Analysis`; model must be in eval."""
-    with torch.inference_mode():
+            images: torch.Tensor, network_macs: int, execution: str = "masked") -> Analysis:
+    """images: (N, C, H, W) float32 in [0, 1] -> :class:`Analysis`; model must be in eval.
+
+    ``execution`` is one of :data:`EXECUTIONS`.
+    """
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    with torch.inference_mode(), (sparse_execution() if execution == "sparse"
+                                  else contextlib.nullcontext()):
         result = compute_path(model, images)
     paths = PathBatch.from_result(result)
     features = profile.transform(paths)
@@ -77,4 +91,5 @@ def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
         layer_filters=np.array([paths.bits[k].shape[1] for k in names]),
         open_fraction=result.open_fraction().numpy(),
         flops_fraction=result.flops_fraction(network_macs).numpy(),
+        execution=execution,
     )

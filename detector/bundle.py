@@ -106,13 +106,18 @@ class Bundle:
     def network_macs(self) -> int:
         return int(self.manifest["network_macs"])
 
-    def analyze(self, images: torch.Tensor) -> Analysis:
-        """images: (N, C, H, W) float32 in [0, 1] with the bundle's input shape."""
+    def analyze(self, images: torch.Tensor, execution: str = "masked") -> Analysis:
+        """images: (N, C, H, W) float32 in [0, 1] with the bundle's input shape.
+
+        ``execution``: "masked" (dense convs, closed filters zeroed) or "sparse" (only open
+        filters run); same results up to float rounding, see ``benchmarks/speed.py``.
+        """
         expected = tuple(self.spec.input_shape)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), "
                              f"got {tuple(images.shape)}")
-        return analyze(self.model, self.profile, self.detector, images, self.network_macs)
+        return analyze(self.model, self.profile, self.detector, images, self.network_macs,
+                       execution)
 
 
 def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec,

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import anyio
@@ -68,7 +69,8 @@ async def _warm_up(bundle: Bundle, executor: Executor, settings: Settings) -> No
     c, h, w = bundle.spec.input_shape
     loop = asyncio.get_running_loop()
     sizes = [1, settings.max_batch_size if settings.micro_batch else 1]
-    jobs = [loop.run_in_executor(executor, bundle.analyze, torch.zeros(n, c, h, w))
+    run = partial(bundle.analyze, execution=settings.execution)
+    jobs = [loop.run_in_executor(executor, run, torch.zeros(n, c, h, w))
             for _ in range(2 * settings.inference_workers) for n in sizes]
     await asyncio.gather(*jobs)
     png = io.BytesIO()
@@ -93,7 +95,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.callback(executor.shutdown, wait=True)
         await _warm_up(bundle, executor, settings)
         batcher = MicroBatcher(
-            bundle.analyze, executor,
+            partial(bundle.analyze, execution=settings.execution), executor,
             max_batch=settings.max_batch_size if settings.micro_batch else 1,
             max_wait_s=settings.batch_wait_ms / 1e3, max_pending=settings.max_queue,
             workers=settings.inference_workers, on_batch=metrics.observe_batch)

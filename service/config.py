@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle "
                                  "micro-batcher waits for more requests before it runs "
                                  "(0: run what is queued at once)")
+    execution: Literal["masked", "sparse"] = Field(
+        "masked", description="masked: every filter computed, closed ones zeroed; sparse: only "
+        "open filters run (pays only for wide layers, see docs/RESULTS.md)")
     max_queue: int = Field(256, ge=1, description="images queued or running; beyond it "
                            "requests get 503")
 

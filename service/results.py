@@ -85,7 +85,8 @@ def image_result(card: ModelCard, analysis: Analysis, row: int, decoded: Decoded
                                 clean_fpr=card.clean_fpr),
         path=PathReport(open_fraction=float(analysis.open_fraction[row]),
                         flops_fraction=float(analysis.flops_fraction[row]),
-                        max_anomaly=float(anomaly.max()), layers=report),
+                        max_anomaly=float(anomaly.max()), execution=analysis.execution,
+                        layers=report),
         input=input_report(card, decoded, filename),
     )
 

@@ -67,6 +67,8 @@ class PathReport(BaseModel):
                                  "filters")
     flops_fraction: float = Field(ge=0.0, description="executed / dense multiply-accumulates")
     max_anomaly: float = Field(description="largest layer anomaly")
+    execution: str = Field(description="how the network ran: masked (every filter computed, "
+                           "closed ones zeroed) or sparse (only open filters computed)")
     layers: list[LayerReport] | None = Field(
         None, description="gated layers, most anomalous first (left out with layers=false)")
 

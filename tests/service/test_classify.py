@@ -211,3 +211,17 @@ def test_overload_gives_503(make_settings, digit_png):
         first.join(10)
     assert "at capacity" in message
     assert results[0].status_code == 200
+
+
+def test_sparse_execution_serves_the_same_answer(client, make_settings, digit_png):
+    masked = client.post("/classify", files={"file": ("d.png", digit_png, "image/png")}).json()
+    assert masked["path"]["execution"] == "masked"
+    with TestClient(create_app(make_settings(execution="sparse"))) as sparse_client:
+        r = sparse_client.post("/classify", files={"file": ("d.png", digit_png, "image/png")})
+    assert r.status_code == 200, r.text
+    sparse = r.json()
+    assert sparse["path"]["execution"] == "sparse"
+    assert sparse["prediction"]["index"] == masked["prediction"]["index"]
+    assert sparse["adversarial"]["score"] == pytest.approx(masked["adversarial"]["score"],
+                                                           abs=1e-5)
+    assert sparse["path"]["open_fraction"] == masked["path"]["open_fraction"]
