@@ -26,12 +26,13 @@ class Preset:
     augment: bool
     decouple_epochs: int
     decouple_lr: float
+    target: float  # share of filters the sparsity loss asks to keep open
 
 
 PRESETS = {
-    "digits": Preset("small_cnn", 30, 64, 0.05, False, 15, 0.02),
-    "mnist": Preset("small_cnn", 4, 128, 0.1, False, 2, 0.02),
-    "cifar10": Preset("resnet20", 30, 128, 0.2, True, 8, 0.02),
+    "digits": Preset("small_cnn", 30, 64, 0.05, False, 15, 0.02, 0.7),
+    "mnist": Preset("small_cnn", 4, 128, 0.1, False, 6, 0.02, 0.7),
+    "cifar10": Preset("resnet20", 30, 128, 0.2, True, 15, 0.02, 0.5),
 }
 
 
@@ -41,7 +42,7 @@ def preset_for(data: ImageData) -> Preset:
         return PRESETS[data.name]
     c, h, _ = data.input_shape
     arch = "small_cnn" if c == 1 else "resnet20" if h <= 32 else "resnet18"
-    return Preset(arch, 20, 128, 0.1, c == 3, 5, 0.02)
+    return Preset(arch, 20, 128, 0.1, c == 3, 5, 0.02, 0.5)
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:

@@ -36,11 +36,12 @@ from training.report import plot_filter_states, write_json
 
 log = logging.getLogger("training.decouple")
 
-# Fine-tuning for a few epochs on CPU: a target active ratio (the paper's ImageNet formulation)
+# Fine-tuning for a few epochs on CPU: a target active ratio (the paper's ImageNet formulation,
+# the ratio comes from the data set's preset)
 # reaches a sparse path quickly where the CIFAR setting (target 0, lambda_s 1.5e-4) needs 200
 # epochs, and a larger MI weight with faster-learning gates makes the gates input-dependent
 # (dynamic) within those few epochs rather than a static pruning mask (see docs/RESULTS.md).
-DEFAULT_WEIGHTS = LossWeights(kl=1.0, mi=0.2, sparse=0.01, target=0.5)
+DEFAULT_WEIGHTS = LossWeights(kl=1.0, mi=0.2, sparse=0.01)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,13 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULT_WEIGHTS
     w.add_argument("--lambda-k", type=float, default=d.kl,
                    help="KL alignment (default: %(default)s)")
+    w.add_argument("--kl-detach", action=argparse.BooleanOptionalAction, default=d.kl_detach,
+                   help="treat the layer output as a fixed target of the KL term, so that it "
+                        "trains the gates only, not the conv features (default: %(default)s)")
     w.add_argument("--lambda-m", type=float, default=d.mi,
                    help="mutual information (default: %(default)s)")
     w.add_argument("--lambda-s", type=float, default=d.sparse,
                    help="sparsity (default: %(default)s)")
-    w.add_argument("--target", type=float, default=d.target,
+    w.add_argument("--target", type=float, default=None,
                    help="target share of active filters in [0, 1); 0 = plain L1 "
-                        "(default: %(default)s)")
+                        "(default: the data set's preset: 0.7 for digits and MNIST, 0.5 for "
+                        "CIFAR-10 and others)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<dataset>/decoupled)")
     add_runtime_args(p)
@@ -82,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.target < 1.0:
+    if args.target is not None and not 0.0 <= args.target < 1.0:
         raise ValueError(f"--target must be in [0, 1), got {args.target}")
     data = load_data(args)
     preset = preset_for(data)
+    target = preset.target if args.target is None else args.target
     base_dir = args.base or Path("runs") / data.name / "base"
     base, base_spec = load_checkpoint(base_dir)
     if base_spec.decoupled:
@@ -94,7 +100,8 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--base {base_dir} expects images {base_spec.input_shape}, dataset "
                          f"{args.dataset!r} has {data.input_shape}")
     out = args.out or Path("runs") / data.name / "decoupled"
-    weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, args.target)
+    weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, target,
+                          args.kl_detach)
     config = {
         "command": "decouple", "base": str(base_dir), "dataset": args.dataset,
         "data_name": data.name, "arch": base_spec.arch,

@@ -22,12 +22,15 @@ def mutual_information_loss(gates: torch.Tensor, head: nn.Linear, y: torch.Tenso
     return F.cross_entropy(head(gates), y)
 
 
-def kl_alignment_loss(pooled: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+def kl_alignment_loss(pooled: torch.Tensor, gates: torch.Tensor,
+                      detach_target: bool = False) -> torch.Tensor:
     """KL(softmax(pooled) || softmax(gates)) over channels, averaged over the batch.
 
     pooled: (B, C) global average of the layer output before masking; gates: (B, C).
+    ``detach_target`` treats the layer output as a fixed target, so only the gates move.
     """
-    return F.kl_div(F.log_softmax(gates, dim=1), F.softmax(pooled, dim=1), reduction="batchmean")
+    target = F.softmax(pooled.detach() if detach_target else pooled, dim=1)
+    return F.kl_div(F.log_softmax(gates, dim=1), target, reduction="batchmean")
 
 
 def sparsity_loss(gates: torch.Tensor, target: float = 0.0) -> torch.Tensor:
@@ -43,6 +46,7 @@ class LossWeights:
     mi: float = 0.01
     sparse: float = 1.5e-4
     target: float = 0.0
+    kl_detach: bool = False  # KL moves only the gates, not the conv features
 
 
 class DecouplingLoss(nn.Module):
@@ -63,7 +67,7 @@ class DecouplingLoss(nn.Module):
         kl, mi, sparse = zero, zero, zero
         for name, head in zip(self.names, self.heads, strict=True):
             layer = path.layers[name]
-            kl = kl + kl_alignment_loss(layer.pooled, layer.bits)
+            kl = kl + kl_alignment_loss(layer.pooled, layer.bits, self.weights.kl_detach)
             mi = mi + mutual_information_loss(layer.bits, head, y)
             sparse = sparse + sparsity_loss(layer.bits, self.weights.target)
         ce = F.cross_entropy(path.logits, y)

@@ -123,3 +123,13 @@ def test_decoupling_loss_trains_gates_and_heads():
     loss(compute_path(model, x), y)["total"].backward()
     assert all(h.weight.grad.abs().sum() > 0 for h in loss.heads)
     assert all(m.control.fc2.weight.grad.abs().sum() > 0 for m in layers.values())
+
+
+def test_detached_kl_moves_only_the_gates():
+    pooled = torch.randn(4, 6, requires_grad=True)
+    gates = torch.rand(4, 6, requires_grad=True)
+    kl_alignment_loss(pooled, gates, detach_target=True).backward()
+    assert pooled.grad is None
+    assert gates.grad is not None and gates.grad.abs().sum() > 0
+    torch.testing.assert_close(kl_alignment_loss(pooled, gates, detach_target=True),
+                               kl_alignment_loss(pooled, gates))
