@@ -73,11 +73,11 @@ from detector.paths import compute_path  # noqa: E402
 from training.data import load_dataset, to_float  # noqa: E402
 from training.evaluation import detection_metrics  # noqa: E402
 from training.experiment import (  # noqa: E402
-    AdvSet,
     Sets,
     correct_subset,
     evaluate_variant,
     extract_paths,
+    sets_from_arrays,
 )
 
 log = logging.getLogger("benchmarks.baselines")
@@ -134,34 +134,16 @@ def source_images(x_adv: torch.Tensor, y_adv: torch.Tensor, x_clean: torch.Tenso
 
 
 def _load_sets(arrays: Any, prefix: str, model: nn.Module) -> Sets:
-    """Sets of one side of ``adversarial.npz`` (see ``training.fit_detector._arrays``).
-
-    Source images come from ``{prefix}_adv{i}_image`` where present, else are recovered with
-    :func:`source_images` (fitting side only: the evaluation side never needs them).
-    """
-    x = torch.from_numpy(arrays[f"{prefix}_clean_x"])
-    y = torch.from_numpy(arrays[f"{prefix}_clean_y"])
-    sets = Sets(x, y, extract_paths(model, x))
-    i = 0
-    while f"{prefix}_adv{i}_x" in arrays:
-        label = str(arrays[f"{prefix}_adv{i}_label"])
-        xa = torch.from_numpy(arrays[f"{prefix}_adv{i}_x"])
-        ya = torch.from_numpy(arrays[f"{prefix}_adv{i}_y"])
-        key = f"{prefix}_adv{i}_image"
-        if key in arrays:
-            image = np.asarray(arrays[key])
-        elif prefix == "fit":
-            image = source_images(xa, ya, x, y)
-            log.info("%s (fitting): source images recovered as the nearest clean image of "
-                     "the same class (the npz has no %s)", label, key)
-        else:
-            image = np.full(len(ya), -1)
-        # Every evaluation attack runs on every evaluation image; fitting attempts are unknown
-        # (and unused).
-        attempts = len(y) if prefix == "eval" else len(ya)
-        sets.adversarial[label] = AdvSet(xa, ya, image, attempts,
-                                         extract_paths(model, xa) if len(ya) else None)
-        i += 1
+    """Sets of one side of ``adversarial.npz`` (:func:`training.experiment.sets_from_arrays`);
+    fitting-side source images missing from older files are recovered with
+    :func:`source_images`."""
+    sets = sets_from_arrays(arrays, prefix, model)
+    if prefix == "fit":
+        for label, adv in sets.adversarial.items():
+            if len(adv.image) and (adv.image < 0).all():
+                adv.image = source_images(adv.x, adv.y, sets.x_clean, sets.y_clean)
+                log.info("%s (fitting): source images recovered as the nearest clean image of "
+                         "the same class", label)
     return sets
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,3 +149,36 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
         "benign": benign,
         "scores": {"clean": clean, "attacks": adv_scores},
     }
+
+
+def sets_to_arrays(sets: Sets, prefix: str) -> dict[str, np.ndarray]:
+    """Flat arrays of one side for ``adversarial.npz`` (inverse: :func:`sets_from_arrays`)."""
+    arrays = {f"{prefix}_clean_x": sets.x_clean.numpy(), f"{prefix}_clean_y": sets.y_clean.numpy()}
+    for i, (label, s) in enumerate(sets.adversarial.items()):
+        arrays[f"{prefix}_adv{i}_x"] = s.x.numpy()
+        arrays[f"{prefix}_adv{i}_y"] = s.y.numpy()
+        arrays[f"{prefix}_adv{i}_label"] = np.array(label)
+        arrays[f"{prefix}_adv{i}_image"] = s.image  # source index into the clean images
+        arrays[f"{prefix}_adv{i}_attempts"] = np.array(s.attempts)
+    return arrays
+
+
+def sets_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str, model: nn.Module) -> Sets:
+    """One side of an ``adversarial.npz``, with paths recomputed by ``model``.
+
+    Files from before source indices and attempts were stored get image -1 and, for the
+    evaluation side, attempts = the number of clean images (every attack ran on every image).
+    """
+    x = torch.from_numpy(arrays[f"{prefix}_clean_x"])
+    y = torch.from_numpy(arrays[f"{prefix}_clean_y"])
+    sets = Sets(x, y, extract_paths(model, x))
+    i = 0
+    while f"{prefix}_adv{i}_x" in arrays:
+        xa = torch.from_numpy(arrays[f"{prefix}_adv{i}_x"])
+        ya = torch.from_numpy(arrays[f"{prefix}_adv{i}_y"])
+        image = np.asarray(arrays.get(f"{prefix}_adv{i}_image", np.full(len(ya), -1)))
+        attempts = int(arrays.get(f"{prefix}_adv{i}_attempts", len(y)))
+        sets.adversarial[str(arrays[f"{prefix}_adv{i}_label"])] = AdvSet(
+            xa, ya, image, attempts, extract_paths(model, xa) if len(ya) else None)
+        i += 1
+    return sets

@@ -38,10 +38,14 @@ from training.experiment import (
     craft_sets,
     evaluate_variant,
     extract_paths,
+    sets_from_arrays,
+    sets_to_arrays,
 )
 from training.report import write_json
 
 log = logging.getLogger("training.fit_detector")
+
+ADVERSARIAL = "adversarial.npz"
 
 GREY_FIT = ("fgsm:0.1", "fgsm:0.2", "fgsm:0.3", "pgd:0.1", "pgd:0.2", "pgd:0.3")
 GREY_EVAL = ("fgsm:0.3", "pgd:0.3", "pgd:0.05", "pgd:0.15", "pgd:0.25", "bim:0.3", "cw",
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-profile", type=positive(int), default=10000,
                    help="clean training images for the class path profile (default: %(default)s)")
     d = p.add_argument_group("detector")
-    d.add_argument("--detector", default="logistic", choices=INNER_MODELS,
+    d.add_argument("--detector", default="random_forest", choices=INNER_MODELS,
                    help="inner model of the bundled detector (default: %(default)s)")
     d.add_argument("--raw-features", action="store_true",
                    help="append raw gate bits and logits to the path statistics")
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'+raw' (default: %(default)s); pass none to skip")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/<dataset>/detector)")
+    p.add_argument("--reuse-attacks", action="store_true",
+                   help="take the fitting and evaluation sets from <out>/adversarial.npz of an "
+                        "earlier run with the same checkpoint, images and attacks instead of "
+                        "crafting them again (to compare detectors quickly)")
     add_runtime_args(p)
     return p
 
@@ -150,10 +158,15 @@ def main(args: argparse.Namespace) -> None:
                                     data.y_train[prof_ids])
     profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(), spec.num_classes)
 
-    fit_sets = craft_sets(model, x_fit, y_fit, fit_specs, seed=args.seed,
-                          per_image=args.attacks_per_image, square_queries=args.square_queries)
-    eval_sets = craft_sets(model, x_eval, y_eval, eval_specs, seed=args.seed + 1,
-                           per_image=None, square_queries=args.square_queries)
+    reused = args.reuse_attacks and (out / ADVERSARIAL).is_file()
+    if reused:
+        fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, eval_specs)
+    else:
+        fit_sets = craft_sets(model, x_fit, y_fit, fit_specs, seed=args.seed,
+                              per_image=args.attacks_per_image,
+                              square_queries=args.square_queries)
+        eval_sets = craft_sets(model, x_eval, y_eval, eval_specs, seed=args.seed + 1,
+                               per_image=None, square_queries=args.square_queries)
     fitted = {s.label for s in fit_specs}
     shifts = benign_shifts(x_eval, seed=args.seed)
     shift_paths = {k: extract_paths(model, v) for k, v in shifts.items()}
@@ -181,7 +194,8 @@ def main(args: argparse.Namespace) -> None:
             "target_fpr": args.target_fpr, "fit_attacks": [s.label for s in fit_specs],
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
-            "max_fit": args.max_fit, "max_eval": args.max_eval, "max_profile": args.max_profile,
+            "reused_attacks": reused, "max_fit": args.max_fit, "max_eval": args.max_eval,
+            "max_profile": args.max_profile,
         },
         "clean_accuracy": clean_acc,
         "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
@@ -203,9 +217,25 @@ def main(args: argparse.Namespace) -> None:
               results[_variant_name(*main_variant)]["scores"]["attacks"], out / "roc.png",
               f"{metrics['name']}: detector ROC on held-out images")
     (out / "report.md").write_text(markdown_report(metrics))
-    np.savez_compressed(out / "adversarial.npz", **_arrays(fit_sets, "fit"),
-                        **_arrays(eval_sets, "eval"))
+    if not reused:
+        np.savez_compressed(out / ADVERSARIAL, **sets_to_arrays(fit_sets, "fit"),
+                            **sets_to_arrays(eval_sets, "eval"))
     print(_summary(metrics, out))  # noqa: T201
+
+
+def _reuse(path: Path, model: torch.nn.Module, fit_specs: list[AttackSpec],
+           eval_specs: list[AttackSpec]) -> tuple[Sets, Sets]:
+    """The sets of an earlier run, refused if they hold other attacks than asked for."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    fit_sets = sets_from_arrays(arrays, "fit", model)
+    eval_sets = sets_from_arrays(arrays, "eval", model)
+    for side, sets, specs in (("fit", fit_sets, fit_specs), ("eval", eval_sets, eval_specs)):
+        if set(sets.adversarial) != {s.label for s in specs}:
+            raise ValueError(f"--reuse-attacks: {path} holds {side} attacks "
+                             f"{sorted(sets.adversarial)}, not {[s.label for s in specs]}")
+    log.info("reusing the adversarial sets of %s", path)
+    return fit_sets, eval_sets
 
 
 def _parse_variant(text: str) -> tuple[str, bool]:
@@ -218,16 +248,6 @@ def _parse_variant(text: str) -> tuple[str, bool]:
 
 def _variant_name(name: str, raw: bool) -> str:
     return name + ("+raw" if raw else "")
-
-
-def _arrays(sets: Sets, prefix: str) -> dict[str, np.ndarray]:
-    arrays = {f"{prefix}_clean_x": sets.x_clean.numpy(), f"{prefix}_clean_y": sets.y_clean.numpy()}
-    for i, (label, s) in enumerate(sets.adversarial.items()):
-        arrays[f"{prefix}_adv{i}_x"] = s.x.numpy()
-        arrays[f"{prefix}_adv{i}_y"] = s.y.numpy()
-        arrays[f"{prefix}_adv{i}_label"] = np.array(label)
-        arrays[f"{prefix}_adv{i}_image"] = s.image  # source index into the clean images
-    return arrays
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:

@@ -19,7 +19,8 @@ EVAL_LABELS = ("FGSM eps=0.2", "DEEPFOOL")
 def tiny_args(checkpoint, out, *extra):
     return ["--checkpoint", str(checkpoint), "--max-fit", "60", "--max-eval", "60",
             "--max-profile", "300", "--fit-attacks", "fgsm:0.2", "pgd:0.2",
-            "--eval-attacks", "fgsm:0.2", "deepfool", "--compare", "logistic",
+            "--eval-attacks", "fgsm:0.2", "deepfool", "--detector", "logistic",
+            "--compare", "logistic",
             "--square-queries", "50", "--out", str(out), "--threads", "1", "--quiet", *extra]
 
 
@@ -71,6 +72,29 @@ def test_bundle_loads_and_matches_the_metrics(run):
     np.testing.assert_array_equal(analysis.predictions, arrays["eval_clean_y"])
     assert analysis.flagged.mean() == pytest.approx(metrics["evaluation"]["clean_fpr"],
                                                     abs=1.5 / len(clean))
+
+
+def test_reuse_attacks_refits_on_the_same_sets(run, tiny_decoupled_checkpoint, tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, out, "--reuse-attacks"))
+    first = json.loads((run / "metrics.json").read_text())
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["config"]["reused_attacks"] and not first["config"]["reused_attacks"]
+    for label, m in first["evaluation"]["attacks"].items():
+        assert second["evaluation"]["attacks"][label]["n_adv"] == m["n_adv"]
+        assert second["evaluation"]["attacks"][label]["auroc"] == pytest.approx(m["auroc"])
+
+
+def test_reuse_attacks_refuses_other_attacks(run, tiny_decoupled_checkpoint, tmp_path, capsys):
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    args = tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks")
+    args[args.index("deepfool")] = "cw"
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(args)
+    assert e.value.code == 2
+    assert "--reuse-attacks" in capsys.readouterr().err
 
 
 def test_adversarial_archive(run):
