@@ -130,7 +130,7 @@ def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec
     save_file(profile.to_arrays(), str(directory / PROFILE))
     import skops.io as sio  # slow to import (~3 s); only needed here and in load_detector
 
-    sio.dump(detector, directory / DETECTOR)
+    sio.dump(detector, directory / DETECTOR, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
     layers = gated_layers(model)
     manifest = {
         "format_version": FORMAT_VERSION,

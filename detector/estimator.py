@@ -28,7 +28,7 @@ def make_inner(name: str, random_state: int | None) -> Pipeline:
     if name == "logistic":
         clf = LogisticRegression(C=1.0, max_iter=2000)
     elif name == "random_forest":
-        clf = RandomForestClassifier(n_estimators=200, min_samples_leaf=2,
+        clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=3,
                                      random_state=random_state, n_jobs=1)
     elif name == "hist_gb":
         clf = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1,
