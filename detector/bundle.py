@@ -192,6 +192,13 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 def load_bundle(directory: str | Path) -> Bundle:
     """Load and verify a bundle; raises :class:`BundleError` naming what is wrong."""
     directory = Path(directory)
+    try:
+        return _load_bundle(directory)
+    except OSError as e:  # unreadable files (permissions, I/O errors)
+        raise BundleError(f"cannot read the bundle at {directory}: {e}") from e
+
+
+def _load_bundle(directory: Path) -> Bundle:
     manifest = read_manifest(directory)
     try:
         spec = ModelSpec.from_json(manifest["model"])

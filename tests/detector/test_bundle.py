@@ -235,3 +235,10 @@ def test_unknown_architecture_in_manifest_is_refused(copy):
     edit_manifest(copy, lambda m: m["model"].update(arch="vgg99"))
     with pytest.raises(BundleError, match=r"cannot rebuild the model.*'vgg99'"):
         load_bundle(copy)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_a_bundle_error(copy):
+    (copy / WEIGHTS).chmod(0)
+    with pytest.raises(BundleError, match="cannot read"):
+        load_bundle(copy)
