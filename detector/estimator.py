@@ -77,9 +77,12 @@ class PathDetector(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = False
         return tags
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> PathDetector:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
+            threshold_mask: np.ndarray | None = None) -> PathDetector:
         """X: (N, F) features; y: (N,) two labels; groups: (N,) optional image ids, so that the
-        clean samples held out for the threshold share no image with the fitted ones."""
+        clean samples held out for the threshold share no image with the fitted ones;
+        threshold_mask: (N,) bool, the clean samples that may set the threshold (default: all
+        of them; e.g. leave out benign-noise negatives so the threshold stays on clean data)."""
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr!r}")
         if not 0.0 < self.threshold_fraction < 1.0:
@@ -96,7 +99,12 @@ class PathDetector(ClassifierMixin, BaseEstimator):
                              f"exactly 2 classes (clean, adversarial), got "
                              f"{len(self.classes_)} class(es): {self.classes_!r}")
         positive = y == self.classes_[1]
-        fit_idx, hold_idx = self._split(positive, groups)
+        eligible = np.ones(len(y), dtype=bool) if threshold_mask is None else np.asarray(
+            threshold_mask, dtype=bool)
+        if eligible.shape != positive.shape:
+            raise ValueError(f"threshold_mask has shape {eligible.shape}, expected "
+                             f"{positive.shape}")
+        fit_idx, hold_idx = self._split(positive, groups, eligible)
         inner = make_inner(self.model, self.random_state)
         n_min = int(np.bincount(positive[fit_idx].astype(int), minlength=2).min())
         # ensemble=False: calibrate on cross-validated predictions, then keep one inner model
@@ -110,10 +118,10 @@ class PathDetector(ClassifierMixin, BaseEstimator):
         self.clean_fpr_ = float((clean_scores > self.threshold_).mean())
         return self
 
-    def _split(self, positive: np.ndarray, groups: np.ndarray | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def _split(self, positive: np.ndarray, groups: np.ndarray | None,
+               eligible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Indices to fit on, and indices of held-out clean samples for the threshold."""
-        clean = np.flatnonzero(~positive)
+        clean = np.flatnonzero(~positive & (True if eligible is None else eligible))
         if len(clean) < 4 or positive.sum() < 2:
             raise ValueError(f"need at least 4 clean and 2 adversarial samples, got "
                              f"{len(clean)} and {int(positive.sum())}")

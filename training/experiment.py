@@ -62,6 +62,21 @@ class Sets:
     y_clean: torch.Tensor
     clean_paths: PathBatch
     adversarial: dict[str, AdvSet] = field(default_factory=dict)
+    benign: AdvSet | None = None  # benign changes of the clean images, fitted as negatives
+
+
+def add_noise_negatives(model: nn.Module, sets: Sets, seed: int) -> None:
+    """Attach Gaussian-noise copies of the clean images as benign negatives for fitting.
+
+    Each image gets its own sigma, uniform in [0.01, 0.1] for grey and [0.005, 0.04] for colour
+    images (a range, so that no single evaluated shift is fitted exactly).
+    """
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (0.01, 0.1) if sets.x_clean.shape[1] == 1 else (0.005, 0.04)
+    sigma = lo + (hi - lo) * torch.rand(len(sets.y_clean), 1, 1, 1, generator=g)
+    x = (sets.x_clean + sigma * torch.randn(sets.x_clean.shape, generator=g)).clamp(0, 1)
+    image = np.arange(len(sets.y_clean))
+    sets.benign = AdvSet(x, sets.y_clean, image, len(image), extract_paths(model, x))
 
 
 def craft_sets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: list[AttackSpec], *,
@@ -118,10 +133,16 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     advs = [s for s in fit.adversarial.values() if s.paths is not None]
     if not advs:
         raise ValueError("no fitting attack succeeded; use stronger --fit-attacks")
-    X = np.concatenate([prof.transform(fit.clean_paths), *(prof.transform(s.paths) for s in advs)])
-    y = np.r_[np.zeros(len(fit.y_clean)), *(np.ones(len(s.y)) for s in advs)]
-    groups = np.r_[np.arange(len(fit.y_clean)), *(s.image for s in advs)]
-    detector.fit(X, y, groups=groups)
+    negatives = [fit.clean_paths] + ([fit.benign.paths] if fit.benign is not None else [])
+    n_clean = len(fit.y_clean)
+    n_benign = len(fit.benign.y) if fit.benign is not None else 0
+    X = np.concatenate([*(prof.transform(p) for p in negatives),
+                        *(prof.transform(s.paths) for s in advs)])
+    y = np.r_[np.zeros(n_clean + n_benign), *(np.ones(len(s.y)) for s in advs)]
+    groups = np.r_[np.arange(n_clean), fit.benign.image if fit.benign is not None else [],
+                   *(s.image for s in advs)]
+    eligible = np.r_[np.ones(n_clean, bool), np.zeros(len(y) - n_clean, bool)]
+    detector.fit(X, y, groups=groups, threshold_mask=eligible)  # threshold on clean only
 
     def scores(paths: PathBatch) -> np.ndarray:
         return detector.predict_proba(prof.transform(paths))[:, 1]

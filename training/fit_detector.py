@@ -33,6 +33,7 @@ from training.data import ImageData, to_float
 from training.evaluation import markdown_report, plot_rocs
 from training.experiment import (
     Sets,
+    add_noise_negatives,
     benign_shifts,
     correct_subset,
     craft_sets,
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inner model of the bundled detector (default: %(default)s)")
     d.add_argument("--raw-features", action="store_true",
                    help="append raw gate bits and logits to the path statistics")
+    d.add_argument("--noise-negatives", action="store_true",
+                   help="also fit on Gaussian-noise copies of the clean fitting images as "
+                        "negatives (per-image sigma; the threshold stays on clean images)")
     d.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate on held-out clean images that sets the threshold "
                         "(default: %(default)s)")
@@ -167,6 +171,8 @@ def main(args: argparse.Namespace) -> None:
                               square_queries=args.square_queries)
         eval_sets = craft_sets(model, x_eval, y_eval, eval_specs, seed=args.seed + 1,
                                per_image=None, square_queries=args.square_queries)
+    if args.noise_negatives:
+        add_noise_negatives(model, fit_sets, seed=args.seed + 2)
     fitted = {s.label for s in fit_specs}
     shifts = benign_shifts(x_eval, seed=args.seed)
     shift_paths = {k: extract_paths(model, v) for k, v in shifts.items()}
@@ -194,7 +200,8 @@ def main(args: argparse.Namespace) -> None:
             "target_fpr": args.target_fpr, "fit_attacks": [s.label for s in fit_specs],
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
-            "reused_attacks": reused, "max_fit": args.max_fit, "max_eval": args.max_eval,
+            "reused_attacks": reused, "noise_negatives": args.noise_negatives,
+            "max_fit": args.max_fit, "max_eval": args.max_eval,
             "max_profile": args.max_profile,
         },
         "clean_accuracy": clean_acc,

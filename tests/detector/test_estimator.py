@@ -187,3 +187,18 @@ def test_make_inner_scales_then_classifies(name):
     assert type(pipe[-1]).__name__ == {"logistic": "LogisticRegression",
                                        "random_forest": "RandomForestClassifier",
                                        "hist_gb": "HistGradientBoostingClassifier"}[name]
+
+
+def test_threshold_mask_keeps_the_threshold_on_eligible_clean_samples():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0.0, 1.0, (200, 2))
+    noisy = rng.normal(1.0, 1.0, (200, 2))  # benign negatives, scored higher than clean
+    adv = rng.normal(3.0, 1.0, (200, 2))
+    X = np.concatenate([clean, noisy, adv])
+    y = np.r_[np.zeros(400), np.ones(200)]
+    eligible = np.r_[np.ones(200, bool), np.zeros(400, bool)]
+    det = PathDetector(random_state=0, target_fpr=0.1).fit(X, y, threshold_mask=eligible)
+    fresh_clean = rng.normal(0.0, 1.0, (2000, 2))
+    assert det.predict(fresh_clean).mean() == pytest.approx(0.1, abs=0.05)
+    with pytest.raises(ValueError, match="threshold_mask"):
+        PathDetector().fit(X, y, threshold_mask=eligible[:10])

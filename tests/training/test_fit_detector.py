@@ -162,3 +162,12 @@ def test_help_runs_as_a_module():
     assert result.returncode == 0, result.stderr
     assert "--checkpoint" in result.stdout and "--eval-attacks" in result.stdout
     assert result.stdout.startswith("usage: python -m training.fit_detector")
+
+
+def test_noise_negatives(run, tiny_decoupled_checkpoint, tmp_path):
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
+                               "--noise-negatives"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["noise_negatives"]
+    assert 0.0 <= metrics["evaluation"]["clean_fpr"] <= 0.2
