@@ -74,9 +74,8 @@ def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
                                   else contextlib.nullcontext()):
         result = compute_path(model, images)
     paths = PathBatch.from_result(result)
-    features = profile.transform(paths)
-    scores = detector.predict_proba(features)[:, 1]
     stats = profile.layer_stats(paths, paths.logits.argmax(1))
+    scores = detector.predict_proba(profile.transform(paths, stats))[:, 1]
     probs = torch.softmax(result.logits, dim=1).numpy()
     names = profile.layer_names
     return Analysis(

@@ -154,11 +154,15 @@ class PathProfile:
         std = np.array([lp.anomaly_std for lp in self.layers.values()])
         return (stats["logit_dist"] - mean) / std
 
-    def transform(self, paths: PathBatch) -> np.ndarray:
+    def transform(self, paths: PathBatch,
+                  stats: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """(N, F) float32 features: per-layer stats against the predicted class, global
-        prediction statistics, and (if ``include_raw``) raw bits and gate logits."""
-        pred = paths.logits.argmax(1)
-        stats = self.layer_stats(paths, pred)
+        prediction statistics, and (if ``include_raw``) raw bits and gate logits.
+
+        ``stats``: :meth:`layer_stats` against the predicted classes, if already computed.
+        """
+        if stats is None:
+            stats = self.layer_stats(paths, paths.logits.argmax(1))
         parts = [stats[s] for s in LAYER_STATS]
         parts.append(prediction_stats(paths.logits))
         if self.include_raw:

@@ -73,6 +73,7 @@ class GateRecord:
     in_active: (B,) number of input channels that are not identically zero.
     in_channels, out_channels, macs: the layer's dense shape; macs = dense multiply-accumulates
         for one input at the observed spatial size.
+    control_macs: multiply-accumulates of the control module for one input.
     """
 
     gates: torch.Tensor
@@ -82,6 +83,7 @@ class GateRecord:
     in_channels: int
     out_channels: int
     macs: int
+    control_macs: int
 
 
 @dataclass
@@ -152,6 +154,12 @@ class GatedConv(nn.Module):
         self.bn = bn
         self.control = ControlModule(conv.in_channels, conv.out_channels, reduction)
 
+    @property
+    def control_macs(self) -> int:
+        """Multiply-accumulates of the control module's two FC layers for one input."""
+        fc1, fc2 = self.control.fc1, self.control.fc2
+        return fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features
+
     def dense_macs(self, out_hw: tuple[int, int]) -> int:
         """Multiply-accumulates of the dense conv for one input with output size ``out_hw``."""
         kh, kw = self.conv.kernel_size
@@ -183,5 +191,6 @@ class GatedConv(nn.Module):
                 in_channels=self.conv.in_channels,
                 out_channels=self.conv.out_channels,
                 macs=self.dense_macs((out.shape[2], out.shape[3])),
+                control_macs=self.control_macs,
             )
         return out

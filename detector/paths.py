@@ -67,18 +67,11 @@ class PathResult:
         return (network_macs - gated_dense + executed) / network_macs
 
 
-def _control_macs(layer: GatedConv) -> int:
-    return layer.control.fc1.in_features * layer.control.fc1.out_features + (
-        layer.control.fc2.in_features * layer.control.fc2.out_features
-    )
-
-
 def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False) -> PathResult:
     """Run ``model`` once on x: (B, C, H, W) in [0, 1] and return logits and path.
 
     Gradients flow if the caller enables them; the model's mode (train/eval) is respected.
     """
-    controls = {m.name: _control_macs(m) for m in model.modules() if isinstance(m, GatedConv)}
     with recording(force_open=force_open) as rec:
         logits = model(x)
     layers = {}
@@ -90,7 +83,7 @@ def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False) ->
             logits=r.logits,
             pooled=r.pooled,
             dense_macs=r.macs,
-            executed_macs=executed + controls[name],
+            executed_macs=executed + r.control_macs,
         )
     return PathResult(logits=logits, layers=layers)
 

@@ -157,8 +157,7 @@ def summarize(model: torch.nn.Module, spec: ModelSpec, x: torch.Tensor,
     """Accuracy, active-filter fractions, FLOPs and filter states of a decoupled model."""
     test = evaluate(model, x, y)
     dense = network_macs(model, spec.input_shape)
-    bits = collect_paths(model, x, network_macs=dense)
-    flops = bits.pop("__flops_fraction__")
+    bits, flops = collect_paths(model, x, dense)
     states = filter_states(bits)
     all_bits = np.concatenate(list(bits.values()), axis=1)
     return {

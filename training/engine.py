@@ -87,21 +87,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def collect_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
-                  network_macs: int | None = None) -> dict[str, np.ndarray]:
-    """Gate bits of a decoupled model over uint8 images x: (N, C, H, W).
+def collect_paths(model: nn.Module, x: torch.Tensor, network_macs: int,
+                  batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Gate bits and FLOPs fractions of a decoupled model over uint8 images x: (N, C, H, W).
 
-    Returns layer name -> (N, C_layer) bool array, plus ``"__flops_fraction__"`` (N,) when
-    ``network_macs`` is given.
+    Returns layer name -> (N, C_layer) bool array, and the (N,) executed / dense
+    multiply-accumulates of the whole network (``network_macs`` = its dense total).
     """
     model.eval()
     y = torch.zeros(len(x), dtype=torch.int64)
-    parts: dict[str, list[np.ndarray]] = {}
+    bits: dict[str, list[np.ndarray]] = {}
+    flops: list[np.ndarray] = []
     for xb, _ in batches(x, y, batch_size):
         path = compute_path(model, xb)
         for name, layer in path.layers.items():
-            parts.setdefault(name, []).append(layer.bits.bool().numpy())
-        if network_macs is not None:
-            parts.setdefault("__flops_fraction__", []).append(
-                path.flops_fraction(network_macs).numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
+            bits.setdefault(name, []).append(layer.bits.bool().numpy())
+        flops.append(path.flops_fraction(network_macs).numpy())
+    return {k: np.concatenate(v) for k, v in bits.items()}, np.concatenate(flops)
