@@ -162,7 +162,10 @@ def main(args: argparse.Namespace) -> None:
                                     data.y_train[prof_ids])
     profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(), spec.num_classes)
 
-    reused = args.reuse_attacks and (out / ADVERSARIAL).is_file()
+    reused = args.reuse_attacks
+    if reused and not (out / ADVERSARIAL).is_file():
+        raise FileNotFoundError(f"--reuse-attacks: {out / ADVERSARIAL} not found; run once "
+                                "without it to craft the sets")
     if reused:
         fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, eval_specs)
     else:

@@ -171,3 +171,10 @@ def test_noise_negatives(run, tiny_decoupled_checkpoint, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["noise_negatives"]
     assert 0.0 <= metrics["evaluation"]["clean_fpr"] <= 0.2
+
+
+def test_reuse_attacks_without_sets_is_an_error(tiny_decoupled_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks"))
+    assert e.value.code == 2
+    assert "adversarial.npz not found" in capsys.readouterr().err
