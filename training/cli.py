@@ -13,6 +13,7 @@ import torch
 
 from detector.models import MODEL_NAMES, min_input_size
 from training.data import DATASET_HELP, ImageData, load_dataset
+from training.engine import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="training arithmetic: bf16 autocast is ~3.5x faster on CPUs with "
+                        "AMX/AVX-512 BF16 (Sapphire Rapids and later) and on recent GPUs "
+                        "(default: %(default)s)")
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
 

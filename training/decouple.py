@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> None:
         "augment": preset.augment if args.augment is None else args.augment,
         "reduction": args.reduction, "gate_lr_mult": args.gate_lr_mult,
         "loss_weights": asdict(weights), "seed": args.seed,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "precision": args.precision,
     }
     base_test = evaluate(base, data.x_test, data.y_test)
     model = decouple(base, args.reduction)
@@ -134,7 +134,8 @@ def main(args: argparse.Namespace) -> None:
     history = fit(model, data.x_train, data.y_train, step, groups, epochs=config["epochs"],
                   batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=config["weight_decay"], augment=config["augment"],
-                  seed=args.seed, desc=f"decouple {base_spec.arch}")
+                  seed=args.seed, desc=f"decouple {base_spec.arch}",
+                  precision=args.precision)
     seconds = time.perf_counter() - start
     spec = replace(base_spec, decoupled=True, reduction=args.reduction)
     metrics = summarize(model, spec, data.x_test, data.y_test)

@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
         "epochs": args.epochs or preset.epochs, "batch_size": args.batch_size or preset.batch_size,
         "lr": args.lr or preset.lr, "weight_decay": args.weight_decay,
         "augment": preset.augment if args.augment is None else args.augment, "seed": args.seed,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "precision": args.precision,
     }
     spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes)
     model = spec.build()
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> None:
     history = fit(model, data.x_train, data.y_train, step, model.parameters(),
                   epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=config["weight_decay"], augment=config["augment"],
-                  seed=args.seed, desc=f"train {arch}")
+                  seed=args.seed, desc=f"train {arch}", precision=args.precision)
     seconds = time.perf_counter() - start
     test = evaluate(model, data.x_test, data.y_test)
     metrics = {
