@@ -57,12 +57,16 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
                    help="side length ImageFolder images are resized to (default: %(default)s)")
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+    """--seed, --threads, --precision, -q and (for commands that train) --device."""
     g = p.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: all cores)")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    if device:
+        g.add_argument("--device", default="cpu",
+                       help="torch device that trains, e.g. cpu or cuda; evaluation and the "
+                            "written checkpoint are on the CPU (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="training arithmetic: bf16 autocast is ~3.5x faster on CPUs with "
                         "AMX/AVX-512 BF16 (Sapphire Rapids and later) and on recent GPUs "
@@ -79,6 +83,13 @@ def setup_runtime(args: argparse.Namespace) -> None:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = getattr(args, "device", "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; e.g. cpu, cuda or cuda:1") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
 
 
 def load_data(args: argparse.Namespace) -> ImageData:

@@ -112,12 +112,13 @@ def main(args: argparse.Namespace) -> None:
         "reduction": args.reduction, "gate_lr_mult": args.gate_lr_mult,
         "loss_weights": asdict(weights), "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
+        "device": args.device,
     }
     base_test = evaluate(base, data.x_test, data.y_test)
-    model = decouple(base, args.reduction)
+    model = decouple(base, args.reduction).to(args.device)
     layers = gated_layers(model)
     loss_fn = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()},
-                             base_spec.num_classes, weights)
+                             base_spec.num_classes, weights).to(args.device)
     log.info("decoupling %s: %d gated layers, base accuracy %.4f", base_spec.arch, len(layers),
              base_test["accuracy"])
 
@@ -137,6 +138,7 @@ def main(args: argparse.Namespace) -> None:
                   seed=args.seed, desc=f"decouple {base_spec.arch}",
                   precision=args.precision)
     seconds = time.perf_counter() - start
+    model.cpu()
     spec = replace(base_spec, decoupled=True, reduction=args.reduction)
     metrics = summarize(model, spec, data.x_test, data.y_test)
     metrics.update(base_test_accuracy=base_test["accuracy"], train_seconds=seconds,

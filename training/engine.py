@@ -43,9 +43,10 @@ def fit(
 
     x: (N, C, H, W) uint8, y: (N,). ``loss_step(images, labels)`` returns loss terms with a
     ``total`` entry. ``params`` are parameters or groups ``{"params": ..., "lr_mult": m}`` whose
-    peak learning rate is ``m * lr``. ``precision="bf16"`` runs ``loss_step`` under bfloat16
-    autocast (weights and optimiser stay float32): about 3.5x faster on CPUs with AMX/AVX-512
-    BF16, slower on CPUs without them. Returns mean loss terms per epoch (the loss curve).
+    peak learning rate is ``m * lr``. Batches go to the device of the model's parameters.
+    ``precision="bf16"`` runs ``loss_step`` under bfloat16 autocast (weights and optimiser stay
+    float32): about 3.5x faster on CPUs with AMX/AVX-512 BF16, slower on CPUs without them.
+    Returns mean loss terms per epoch (the loss curve).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -57,13 +58,15 @@ def fit(
     steps = math.ceil(len(y) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs,
                                                 steps_per_epoch=steps, pct_start=0.15)
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
+    device_type = device.type
     history = []
     bar = tqdm(total=epochs * steps, desc=desc, unit="batch", mininterval=2.0)
     for epoch in range(epochs):
         model.train()
         sums: dict[str, float] = {}
         for xb, yb in batches(x, y, batch_size, shuffle=True, augment=augment, seed=seed + epoch):
+            xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 terms = loss_step(xb, yb)
             opt.zero_grad(set_to_none=True)

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the fitting and evaluation sets from <out>/adversarial.npz of an "
                         "earlier run with the same checkpoint, images and attacks instead of "
                         "crafting them again (to compare detectors quickly)")
-    add_runtime_args(p)
+    add_runtime_args(p, device=False)
     return p
 
 
@@ -118,7 +118,8 @@ def ensure_checkpoint(args: argparse.Namespace, data: ImageData) -> Path:
         return root / "decoupled"
     log.info("no decoupled model under %s: training one with the default settings", root)
     common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir),
-              "--image-size", str(args.image_size), "--seed", str(args.seed)]
+              "--image-size", str(args.image_size), "--seed", str(args.seed),
+              "--precision", args.precision]
     if args.download:
         common.append("--download")
     train_cmd.main(train_cmd.build_parser().parse_args([*common, "--out", str(root / "base")]))

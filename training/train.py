@@ -62,9 +62,10 @@ def main(args: argparse.Namespace) -> None:
         "lr": args.lr or preset.lr, "weight_decay": args.weight_decay,
         "augment": preset.augment if args.augment is None else args.augment, "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
+        "device": args.device,
     }
     spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes)
-    model = spec.build()
+    model = spec.build().to(args.device)
     log.info("training %s on %s: %d train / %d test images", arch, data.name,
              len(data.y_train), len(data.y_test))
 
@@ -77,6 +78,7 @@ def main(args: argparse.Namespace) -> None:
                   weight_decay=config["weight_decay"], augment=config["augment"],
                   seed=args.seed, desc=f"train {arch}", precision=args.precision)
     seconds = time.perf_counter() - start
+    model.cpu()
     test = evaluate(model, data.x_test, data.y_test)
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],

@@ -96,11 +96,28 @@ def run_error(cli, argv, capsys):
     (["--epochs", "0"], "'0'"),
     (["--batch-size", "-3"], "'-3'"),
     (["--lr", "fast"], "'fast'"),
+    (["--device", "tpu9"], "tpu9"),
+    (["--precision", "fp16"], "fp16"),
+    pytest.param(["--device", "cuda"], "cuda", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_train_errors_exit_2_naming_the_value(argv, named, capsys, tmp_path):
     err = run_error(train_cmd.cli, [*argv, "--out", str(tmp_path / "out"), "-q"], capsys)
     assert named in err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_in_bfloat16(tmp_path):
+    """bf16 autocast trains (the weights stay float32) and is recorded in the config."""
+    out = tmp_path / "bf16"
+    train_cmd.cli(["--epochs", "3", "--batch-size", "64", "--precision", "bf16",
+                   "--out", str(out), "--quiet"])
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["precision"] == "bf16" and config["device"] == "cpu"
+    assert metrics["loss_curve"][-1] < 0.5 * metrics["loss_curve"][0]
+    model, _ = load_checkpoint(out)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_train_too_small_images_message(capsys, tmp_path):
