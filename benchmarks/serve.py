@@ -24,11 +24,7 @@ import argparse
 import asyncio
 import io
 import logging
-import os
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,10 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detector.bundle import Bundle, load_bundle
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as ``python benchmarks/serve.py`` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import metric_value, process_cpu, serving  # noqa: E402
+from detector.bundle import Bundle, load_bundle  # noqa: E402
 
 log = logging.getLogger("benchmarks.serve")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -91,60 +91,10 @@ def bare_times(bundle: Bundle, repeats: int, batch: int) -> tuple[float, float]:
     return statistics.median(singles), batch / statistics.median(batches)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(bundle: Path, port: int, threads: int, micro_batch: bool,
-                 batch_wait_ms: float) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_")}
-    env.update(PATHGUARD_BUNDLE=str(bundle), PATHGUARD_PORT=str(port),
-               PATHGUARD_INFERENCE_THREADS=str(threads),
-               PATHGUARD_MICRO_BATCH=str(micro_batch).lower(), PATHGUARD_LOG_LEVEL="warning",
-               PATHGUARD_BATCH_WAIT_MS=str(batch_wait_ms),
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/v2/health/ready"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with status {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server not ready within 120 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def batch_stats(metrics_text: str) -> tuple[float, float]:
     """(sum, count) of the server's inference_batch_size histogram."""
-    values = dict(re.findall(r"^pathguard_inference_batch_size_(sum|count) (\S+)$",
-                             metrics_text, flags=re.MULTILINE))
-    return float(values.get("sum", 0)), float(values.get("count", 0))
+    return (metric_value(metrics_text, "pathguard_inference_batch_size_sum"),
+            metric_value(metrics_text, "pathguard_inference_batch_size_count"))
 
 
 async def drive(url: str, image: bytes, concurrency: int, requests: int,
@@ -190,13 +140,11 @@ async def drive(url: str, image: bytes, concurrency: int, requests: int,
 
 
 def run_server(args: argparse.Namespace, image: bytes, micro_batch: bool) -> list[LoadResult]:
-    port = free_port()
-    proc = start_server(args.bundle, port, args.threads, micro_batch, args.batch_wait_ms)
-    try:
-        return [asyncio.run(drive(f"http://127.0.0.1:{port}", image, c, args.requests,
-                                  proc.pid)) for c in args.concurrency]
-    finally:
-        stop_server(proc)
+    env = {"PATHGUARD_MICRO_BATCH": str(micro_batch).lower(),
+           "PATHGUARD_BATCH_WAIT_MS": str(args.batch_wait_ms)}
+    with serving(args.bundle, env=env, threads=args.threads) as server:
+        return [asyncio.run(drive(server.url, image, c, args.requests, server.pid))
+                for c in args.concurrency]
 
 
 def report(title: str, single: float, batched: float, results: list[LoadResult]) -> None:

@@ -4,6 +4,10 @@ Settings come from ``PATHGUARD_*`` environment variables or a ``.env`` file in t
 directory (see :class:`service.config.Settings`, or ``python -m service --help``). The bundle
 is checked before the server starts; without a usable one the command exits with status 2 and
 says how to build one.
+
+SIGTERM (and Ctrl+C) shut down gracefully: uvicorn stops accepting connections, in-flight
+requests finish (at most ``shutdown_timeout`` seconds), the micro-batcher drains, and the
+command exits with status 0.
 """
 
 from __future__ import annotations
@@ -11,14 +15,19 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import LOGGING_CONFIG
 
-from detector.bundle import BundleError, read_manifest
+from detector.bundle import BundleError, load_bundle
 from service.app import create_app
 from service.config import ENV_PREFIX, Settings, bundle_help
 
@@ -43,6 +52,29 @@ def _log_config(level: str) -> dict[str, Any]:
     return config
 
 
+def _graceful_exit(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler in force after uvicorn's own: the server has already shut down."""
+    log.info("stopped by %s", signal.Signals(signum).name)
+
+
+@contextmanager
+def _sigterm_after_shutdown_is_clean() -> Iterator[None]:
+    """Make the SIGTERM that uvicorn re-raises after its graceful shutdown a clean exit.
+
+    uvicorn handles SIGTERM itself while it runs, restores the previous handler, then raises
+    the signal again; with the default handler the process would die of it (status -15,
+    143 in a shell) after a clean shutdown. With this no-op handler it exits with status 0.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _graceful_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m service", description="Serve the adversarial-example detector.",
@@ -56,16 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        read_manifest(settings.bundle)  # fail fast with a clear message; the lifespan loads it
+        # Load and verify it all (hashes, version, allow-listed detector types, weight shapes)
+        # before uvicorn starts: a clean message and status 2, not a startup traceback. The
+        # lifespan (of each worker) loads it again.
+        load_bundle(settings.bundle)
     except BundleError as e:
         log.error("%s", bundle_help(settings.bundle, str(e)))
         return 2
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-              "access_log": settings.access_log, "log_config": _log_config(settings.log_level)}
-    if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)
-    else:  # each worker process builds its app from the same environment
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+              "access_log": settings.access_log, "log_config": _log_config(settings.log_level),
+              "timeout_graceful_shutdown": settings.shutdown_timeout}
+    with _sigterm_after_shutdown_is_clean():
+        if settings.workers == 1:
+            uvicorn.run(create_app(settings), **common)
+        else:  # each worker process builds its app from the same environment
+            uvicorn.run("service.app:create_app", factory=True, workers=settings.workers,
+                        **common)
     return 0
 
 

@@ -10,6 +10,9 @@ never split; one larger than ``max_batch`` runs as a batch of its own.
 
 Backpressure: at most ``max_pending`` images may be queued or running; beyond it
 :meth:`submit` raises :class:`OverloadedError` at once.
+
+Shutdown: :meth:`close` refuses new work but drains what is queued (without waiting for
+company) and waits for running forward passes, so no accepted request is dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -84,6 +88,7 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(workers)
         self._collector: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def pending(self) -> int:
@@ -91,15 +96,29 @@ class MicroBatcher:
         return self._pending
 
     async def start(self) -> None:
+        """Start the collector task (idempotent)."""
         if self._collector is None:
             self._collector = asyncio.create_task(self._collect(), name="micro-batcher")
 
     async def close(self) -> None:
-        """Stop collecting, fail queued requests, and wait for running forward passes."""
-        if self._collector is not None:
-            self._collector.cancel()
+        """Refuse new work, run everything queued, wait for running passes, then stop.
+
+        Queued requests are not failed: they run at once (an idle batcher no longer waits for
+        company) and get their results. Only if the collector is gone (it never started or
+        died) are queued requests failed with :class:`OverloadedError`.
+        """
+        self._closing = True
+        self._wakeup.set()
+        collector = self._collector
+        waiting: set[asyncio.Future[Any]] = {item.future for item in self._queue}
+        while waiting and collector is not None and not collector.done():
+            _, waiting = await asyncio.wait({*waiting, collector},
+                                            return_when=asyncio.FIRST_COMPLETED)
+            waiting.discard(collector)
+        if collector is not None:
+            collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._collector
+                await collector
             self._collector = None
         while self._queue:
             item = self._queue.popleft()
@@ -116,6 +135,8 @@ class MicroBatcher:
         Raises :class:`OverloadedError` if the queue cannot take n more images, and whatever
         ``run`` raised for the batch.
         """
+        if self._closing:
+            raise OverloadedError("the server is shutting down")
         if self._collector is None:
             raise RuntimeError("MicroBatcher.submit before start()")
         n = len(images)
@@ -139,7 +160,7 @@ class MicroBatcher:
                     await self._wakeup.wait()
                 if self.max_wait_s > 0:
                     deadline = loop.time() + self.max_wait_s
-                    while self._queued_images < self.max_batch:
+                    while self._queued_images < self.max_batch and not self._closing:
                         remaining = deadline - loop.time()
                         if remaining <= 0:
                             break

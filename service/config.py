@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         "open filters run (pays only for wide layers, see docs/RESULTS.md)")
     max_queue: int = Field(256, ge=1, description="images queued or running; beyond it "
                            "requests get 503")
+    shutdown_timeout: int = Field(8, ge=1, description="seconds in-flight requests get to "
+                                  "finish after SIGTERM before they are cancelled (below "
+                                  "Docker's default 10 s stop grace period)")
 
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; "
                                 "beyond it 413")

@@ -213,29 +213,68 @@ def test_cancelled_requests_are_skipped():
     assert calls == [1, 1]
 
 
-def test_close_fails_queued_requests_and_submit_needs_start():
+def test_close_drains_queued_requests_and_refuses_new_ones():
+    """Shutdown drops nothing accepted: the running pass finishes, the queued requests run
+    next (without the idle wait for company), and only submissions after close() are refused."""
     gate = threading.Event()
+    calls: list[int] = []
 
     def slow(x: torch.Tensor) -> Analysis:
+        calls.append(len(x))
+        gate.wait(5)
+        return fake_analysis(x)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(slow, pool, max_wait_s=10.0)
+            with pytest.raises(RuntimeError, match="before start"):
+                await batcher.submit(images([0.1]))
+            await batcher.start()
+            running = asyncio.create_task(batcher.submit(images([0.1])))
+            await asyncio.sleep(0.02)  # waiting for company up to 10 s
+            assert calls == []
+            closing = asyncio.create_task(batcher.close())
+            await asyncio.sleep(0.05)  # close() ends the wait: the first pass runs
+            assert calls == [1]
+            queued = [asyncio.create_task(batcher.submit(images([v])))
+                      for v in (0.2, 0.3)]
+            await asyncio.sleep(0.02)
+            assert all(isinstance(t.exception(), OverloadedError) for t in queued)
+            gate.set()
+            await asyncio.wait_for(closing, 5)
+            assert (await running).analysis.scores.tolist() == pytest.approx([0.1])
+            assert batcher.pending == 0
+
+    run(main())
+
+
+def test_close_runs_requests_queued_behind_a_running_pass():
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def slow(x: torch.Tensor) -> Analysis:
+        calls.append(len(x))
         gate.wait(5)
         return fake_analysis(x)
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
             batcher = MicroBatcher(slow, pool)
-            with pytest.raises(RuntimeError, match="before start"):
-                await batcher.submit(images([0.1]))
             await batcher.start()
             running = asyncio.create_task(batcher.submit(images([0.1])))
             await asyncio.sleep(0.02)
-            queued = asyncio.create_task(batcher.submit(images([0.2])))
+            queued = [asyncio.create_task(batcher.submit(images([v]))) for v in (0.2, 0.3)]
             await asyncio.sleep(0.02)
             closing = asyncio.create_task(batcher.close())
             await asyncio.sleep(0.02)
+            assert not closing.done()
             gate.set()
-            await closing
+            await asyncio.wait_for(closing, 5)
             assert (await running).batch_size == 1
-            with pytest.raises(OverloadedError, match="shutting down"):
-                await queued
+            results = [await t for t in queued]
+            assert [r.analysis.scores[0] for r in results] == pytest.approx([0.2, 0.3])
+            assert [r.batch_size for r in results] == [2, 2]  # merged into one pass
+            assert batcher.pending == 0
 
     run(main())
+    assert calls == [1, 2]
