@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -207,13 +208,19 @@ def _load_bundle(directory: Path) -> Bundle:
         raise BundleError(f"{directory / MANIFEST}: cannot rebuild the model ({e})") from e
     try:
         load_weights(model, directory / WEIGHTS)
+    except SafetensorError as e:
+        raise BundleError(f"{directory / WEIGHTS} is not a readable safetensors file ({e})") from e
     except ValueError as e:
         raise BundleError(str(e)) from e
     model.eval()
     names = list(gated_layers(model))
     include_raw = bool(manifest.get("detector", {}).get("include_raw_features", False))
     try:
-        profile = PathProfile.from_arrays(names, load_file(str(directory / PROFILE)), include_raw)
+        arrays = load_file(str(directory / PROFILE))
+    except SafetensorError as e:
+        raise BundleError(f"{directory / PROFILE} is not a readable safetensors file ({e})") from e
+    try:
+        profile = PathProfile.from_arrays(names, arrays, include_raw)
     except (KeyError, ValueError) as e:
         raise BundleError(f"{directory / PROFILE} does not fit the model's gated layers") from e
     detector = load_detector(directory / DETECTOR)

@@ -8,10 +8,11 @@ Conversion to the model's input:
 
 - colour (RGB) or grey (L, ITU-R 601-2 luma) as the model expects;
 - transparent pixels are composited onto black or white first (``background``);
-- 16-bit grey PNGs keep their precision (scaled by 1/65535);
+- 16-bit grey PNGs keep their precision (scaled by 1/65535); 16-bit colour PNGs are read with
+  8 bits per channel (reported as mode ``RGB;16``, ``RGBA;16``, ... and ``converted``);
 - palette and 1-bit images are expanded; CMYK JPEGs converted to RGB;
-- only the first frame of an animated image is used; EXIF orientation is ignored (pixels are
-  used as stored);
+- only the first frame of an animated image is used (APNG, animated WebP, MPO: a JPEG with
+  more frames, reported as JPEG); EXIF orientation is ignored (pixels are used as stored);
 - resized to the model's H x W with Pillow's bilinear filter (which averages over the source
   pixels when shrinking) only if the size differs;
 - values / 255 -> float32 in [0, 1], (C, H, W).
@@ -94,13 +95,15 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int], max_pixel
         max_pixels, int(Image.MAX_IMAGE_PIXELS))
     try:
         with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as im:
-            fmt, mode, (width, height) = str(im.format), im.mode, im.size
+            fmt, mode, (width, height) = _format(im), im.mode, im.size
             if width * height > limit:
                 raise ImageDecodeError(
                     DecodeErrorKind.TOO_LARGE, f"image is {width}x{height} = "
                     f"{width * height} pixels, over the limit of {limit} pixels")
             im.load()
             array, converted = _to_model(im, channels, size, background)
+            if fmt == "PNG" and _png_bit_depth(data) == 16 and not mode.startswith("I"):
+                mode, converted = f"{mode};16", True  # Pillow keeps 8 of the 16 bits
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(DecodeErrorKind.TOO_LARGE,
                                f"image refused as a possible decompression bomb ({e})") from None
@@ -114,6 +117,16 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int], max_pixel
     return DecodedImage(array=array, format=fmt, width=width, height=height, mode=mode,
                         resized=(height, width) != tuple(size), converted=converted,
                         lossy=fmt == "JPEG" or (fmt == "WEBP" and _webp_is_lossy(data)))
+
+
+def _format(im: Image.Image) -> str:
+    """The file format; MPO (JPEG with more frames, opened by the JPEG plugin) is JPEG."""
+    return "JPEG" if im.format == "MPO" else str(im.format)
+
+
+def _png_bit_depth(data: bytes) -> int:
+    """Bits per sample from a PNG's IHDR (the signature and IHDR were already parsed)."""
+    return data[24] if len(data) > 24 else 8
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -137,7 +150,7 @@ def _to_model(im: Image.Image, channels: int, size: tuple[int, int],
         fim = Image.fromarray(grey, mode="F")
         if fim.size != (w, h):
             fim = fim.resize((w, h), Image.Resampling.BILINEAR)
-        arr = np.asarray(fim, dtype=np.float32)[None]  # (1, H, W)
+        arr = np.array(fim, dtype=np.float32)[None]  # (1, H, W), a writable copy
         if channels == 3:
             arr = np.repeat(arr, 3, axis=0)
         return np.ascontiguousarray(arr), True
@@ -184,7 +197,8 @@ def _unidentified(data: bytes) -> ImageDecodeError:
 
 
 def _webp_is_lossy(data: bytes) -> bool:
-    """Whether a WebP file holds a lossy (VP8) rather than a lossless (VP8L) bitstream."""
+    """Whether a WebP file's (first) bitstream is lossy (VP8) rather than lossless (VP8L),
+    looking into the first frame of an animated WebP."""
     pos = 12
     while pos + 8 <= len(data):
         fourcc = data[pos:pos + 4]
@@ -192,6 +206,9 @@ def _webp_is_lossy(data: bytes) -> bool:
             return True
         if fourcc == b"VP8L":
             return False
+        if fourcc == b"ANMF":  # animation frame: 16 bytes of frame header, then its chunks
+            pos += 8 + 16
+            continue
         (length,) = struct.unpack("<I", data[pos + 4:pos + 8])
         pos += 8 + length + (length & 1)
     return True

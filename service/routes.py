@@ -37,7 +37,6 @@ from service.results import image_result
 from service.schemas import (
     BatchResponse,
     ClassifyResponse,
-    ErrorBody,
     InferRequest,
     InferResponse,
     Live,
@@ -172,12 +171,14 @@ async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name="pathguard", version=request.app.version)
 
 
-@router.get("/v2/models/{name}/ready", tags=["health"], responses=error_responses(404, 503))
+@router.get("/v2/models/{name}/ready", tags=["health"],
+            responses=error_responses(404, 422, 503))
 async def model_ready(service: ModelDep) -> ModelReady:
     return ModelReady(name=service.card.name, ready=service.ready)
 
 
-@router.get("/v2/models/{name}", tags=["oip"], responses=error_responses(401, 404, 503))
+@router.get("/v2/models/{name}", tags=["oip"],
+            responses=error_responses(401, 404, 422, 503))
 async def model_metadata(service: AuthorizedModelDep) -> ModelMetadata:
     """Input and output tensors of the model."""
     return oip.metadata(service.card, len(service.bundle.profile.layer_names))
@@ -207,7 +208,7 @@ async def infer(service: AuthorizedModelDep, request: InferRequest) -> InferResp
 
 
 @router.get("/metrics", tags=["health"], response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorBody}})
+            responses={200: {"content": {"text/plain": {}}}, **error_responses(401)})
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics of this process."""
     return Response(metrics.render(), media_type=metrics.content_type)

@@ -189,6 +189,33 @@ class InferResponse(BaseModel):
     outputs: list[InferOutput]
 
 
+#: What each error status means, for the OpenAPI ``responses`` (codes as in docs/SERVICE.md).
+ERROR_DESCRIPTIONS = {
+    400: "empty upload, truncated or corrupt image, too many files, invalid tensor or "
+         "malformed multipart body (codes empty, corrupt_image, too_many_files, "
+         "invalid_tensor, bad_request)",
+    401: "API key missing or wrong (code unauthorized)",
+    404: "another model name (code unknown_model)",
+    413: "request body over max_body_bytes, or image over max_image_pixels or Pillow's "
+         "decompression-bomb limit (codes content_too_large, image_too_large)",
+    415: "not an image, or an image format other than PNG, JPEG, WebP, BMP (codes "
+         "not_an_image, unsupported_format)",
+    422: "missing or invalid field, query value or JSON body (code validation_error)",
+    503: "queue full, or the model not loaded yet (codes overloaded, not_ready)",
+}
+
+#: Headers that come with some error statuses.
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "the header that carries the key (X-API-Key)",
+                               "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait before retrying",
+                          "schema": {"type": "integer"}}},
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the given error statuses."""
-    return {code: {"model": ErrorBody} for code in codes}
+    """OpenAPI ``responses`` entries for the given error statuses: the :class:`ErrorBody`
+    model, what the status means and the headers it carries."""
+    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code],
+                   **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {})}
+            for code in codes}
