@@ -4,35 +4,30 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.adaptive import (  # noqa: E402
+from benchmarks.adaptive import (
     PGDConfig,
     adaptive_pgd,
     detector_aware_margin,
     fit_attack_surrogate,
     quantize_towards,
 )
-from benchmarks.adaptive import main as adaptive_main  # noqa: E402
-from benchmarks.surrogate import (  # noqa: E402
+from benchmarks.adaptive import main as adaptive_main
+from benchmarks.surrogate import (
     TorchPathFeatures,
     real_verdict,
     straight_through_gates,
 )
-from detector.bundle import Bundle, load_bundle  # noqa: E402
-from detector.features import PathBatch  # noqa: E402
-from detector.paths import compute_path  # noqa: E402
-from training import fit_detector  # noqa: E402
-from training.data import load_digits, to_float  # noqa: E402
+from detector.bundle import Bundle, load_bundle
+from detector.features import PathBatch
+from detector.paths import compute_path
+from training import fit_detector
+from training.data import load_digits, to_float
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.lid import LIDFeatures, lid_mle, noisy_like  # noqa: E402
+from benchmarks.lid import LIDFeatures, lid_mle, noisy_like
 
 
 def test_lid_mle_hand_made() -> None:

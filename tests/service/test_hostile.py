@@ -4,7 +4,6 @@ server stays healthy afterwards, and mutated images never crash the decoder."""
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,15 +13,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.app import create_app
-from service.config import Settings
-from service.imaging import ImageDecodeError, decode_image
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.hostile_corpus import (  # noqa: E402
+from benchmarks.hostile_corpus import (
     CORPUS,
     HostileFile,
     colour,
@@ -33,6 +24,9 @@ from benchmarks.hostile_corpus import (  # noqa: E402
     multipart,
     problems,
 )
+from service.app import create_app
+from service.config import Settings
+from service.imaging import ImageDecodeError, decode_image
 
 
 @pytest.fixture(scope="module")

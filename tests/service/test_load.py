@@ -7,17 +7,11 @@ the status and error code docs/SERVICE.md documents.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.load import (  # noqa: E402
+from benchmarks.load import (
     KINDS,
     Outcome,
     Payloads,

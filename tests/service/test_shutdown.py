@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.harness import Server, metric_value, serving  # noqa: E402
+from benchmarks.harness import Server, metric_value, serving
 
 HOLD = {"PATHGUARD_BATCH_WAIT_MS": "1000"}  # an idle batcher waits 1 s for company
 
