@@ -34,12 +34,11 @@ from safetensors.torch import save_file
 
 import detector
 import service
+from benchmarks.harness import server_env
 from detector.bundle import DETECTOR, FORMAT_VERSION, MANIFEST, PROFILE, WEIGHTS, BundleError
 from detector.checkpoint import ModelSpec
 from service.app import create_app
 from service.config import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -209,10 +208,8 @@ def test_real_server_refuses_a_payload_bundle(broken: Path, tmp_path: Path) -> N
     reason on stderr, no traceback, no marker, never listening."""
     marker = tmp_path / "pwned"
     expected = torch_pickle_as_weights(broken, marker)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PATHGUARD_")}
-    env.update(PATHGUARD_BUNDLE=str(broken), PATHGUARD_PORT="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "service"], cwd=tmp_path,
+                          env=server_env(broken, port=1),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "cannot serve the model bundle" in proc.stderr

@@ -30,6 +30,20 @@ def images(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
 
 
+class BlockedRun:
+    """A batcher's run function that records each batch's size and blocks until ``gate`` is
+    set (at most 5 s)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+
+    def __call__(self, x: torch.Tensor) -> Analysis:
+        self.calls.append(len(x))
+        self.gate.wait(5)
+        return fake_analysis(x)
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -44,13 +58,7 @@ def test_analysis_take_slices_per_image_arrays_only():
 
 
 def test_concurrent_requests_share_one_forward_pass():
-    calls: list[int] = []
-    gate = threading.Event()
-
-    def slow(x: torch.Tensor) -> Analysis:
-        calls.append(len(x))
-        gate.wait(5)
-        return fake_analysis(x)
+    slow = BlockedRun()
 
     async def main() -> list:
         with ThreadPoolExecutor(1) as pool:
@@ -62,13 +70,13 @@ def test_concurrent_requests_share_one_forward_pass():
             pair = asyncio.create_task(batcher.submit(images([0.4, 0.5])))
             await asyncio.sleep(0.05)
             assert batcher.pending == 6
-            gate.set()
+            slow.gate.set()
             results = await asyncio.gather(first, *rest, pair)
             await batcher.close()
             return results
 
     results = run(main())
-    assert calls == [1, 5]
+    assert slow.calls == [1, 5]
     assert [r.batch_size for r in results] == [1, 5, 5, 5, 5]
     np.testing.assert_allclose([float(r.analysis.scores[0]) for r in results[:4]],
                                [0.0, 0.1, 0.2, 0.3], atol=1e-6)
@@ -76,13 +84,7 @@ def test_concurrent_requests_share_one_forward_pass():
 
 
 def test_max_batch_and_oversized_requests():
-    calls: list[int] = []
-    gate = threading.Event()
-
-    def slow(x: torch.Tensor) -> Analysis:
-        calls.append(len(x))
-        gate.wait(5)
-        return fake_analysis(x)
+    slow = BlockedRun()
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
@@ -93,12 +95,12 @@ def test_max_batch_and_oversized_requests():
             tasks += [asyncio.create_task(batcher.submit(images(v)))
                       for v in ([0.1], [0.2], [0.3], [0.4, 0.5, 0.6])]
             await asyncio.sleep(0.05)
-            gate.set()
+            slow.gate.set()
             await asyncio.gather(*tasks)
             await batcher.close()
 
     run(main())
-    assert calls == [1, 2, 1, 3]  # never split; a request over max_batch runs alone
+    assert slow.calls == [1, 2, 1, 3]  # never split; a request over max_batch runs alone
 
 
 def test_no_merging_with_max_batch_one():
@@ -143,11 +145,7 @@ def test_wait_gathers_requests_when_idle():
 
 
 def test_overload_is_refused_at_once():
-    gate = threading.Event()
-
-    def slow(x: torch.Tensor) -> Analysis:
-        gate.wait(5)
-        return fake_analysis(x)
+    slow = BlockedRun()
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
@@ -159,7 +157,7 @@ def test_overload_is_refused_at_once():
                 await batcher.submit(images([0.3, 0.4]))
             tasks.append(asyncio.create_task(batcher.submit(images([0.5]))))  # fits
             await asyncio.sleep(0.02)
-            gate.set()
+            slow.gate.set()
             await asyncio.gather(*tasks)
             assert batcher.pending == 0
             await batcher.close()
@@ -186,13 +184,7 @@ def test_errors_reach_every_request_of_the_batch():
 
 
 def test_cancelled_requests_are_skipped():
-    calls: list[int] = []
-    gate = threading.Event()
-
-    def slow(x: torch.Tensor) -> Analysis:
-        calls.append(len(x))
-        gate.wait(5)
-        return fake_analysis(x)
+    slow = BlockedRun()
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
@@ -204,25 +196,19 @@ def test_cancelled_requests_are_skipped():
             kept = asyncio.create_task(batcher.submit(images([0.4])))
             await asyncio.sleep(0.02)
             gone.cancel()
-            gate.set()
+            slow.gate.set()
             await asyncio.gather(first, kept)
             assert batcher.pending == 0
             await batcher.close()
 
     run(main())
-    assert calls == [1, 1]
+    assert slow.calls == [1, 1]
 
 
 def test_close_drains_queued_requests_and_refuses_new_ones():
     """Shutdown drops nothing accepted: the running pass finishes, the queued requests run
     next (without the idle wait for company), and only submissions after close() are refused."""
-    gate = threading.Event()
-    calls: list[int] = []
-
-    def slow(x: torch.Tensor) -> Analysis:
-        calls.append(len(x))
-        gate.wait(5)
-        return fake_analysis(x)
+    slow = BlockedRun()
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
@@ -232,15 +218,15 @@ def test_close_drains_queued_requests_and_refuses_new_ones():
             await batcher.start()
             running = asyncio.create_task(batcher.submit(images([0.1])))
             await asyncio.sleep(0.02)  # waiting for company up to 10 s
-            assert calls == []
+            assert slow.calls == []
             closing = asyncio.create_task(batcher.close())
             await asyncio.sleep(0.05)  # close() ends the wait: the first pass runs
-            assert calls == [1]
+            assert slow.calls == [1]
             queued = [asyncio.create_task(batcher.submit(images([v])))
                       for v in (0.2, 0.3)]
             await asyncio.sleep(0.02)
             assert all(isinstance(t.exception(), OverloadedError) for t in queued)
-            gate.set()
+            slow.gate.set()
             await asyncio.wait_for(closing, 5)
             assert (await running).analysis.scores.tolist() == pytest.approx([0.1])
             assert batcher.pending == 0
@@ -249,13 +235,7 @@ def test_close_drains_queued_requests_and_refuses_new_ones():
 
 
 def test_close_runs_requests_queued_behind_a_running_pass():
-    gate = threading.Event()
-    calls: list[int] = []
-
-    def slow(x: torch.Tensor) -> Analysis:
-        calls.append(len(x))
-        gate.wait(5)
-        return fake_analysis(x)
+    slow = BlockedRun()
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
@@ -268,7 +248,7 @@ def test_close_runs_requests_queued_behind_a_running_pass():
             closing = asyncio.create_task(batcher.close())
             await asyncio.sleep(0.02)
             assert not closing.done()
-            gate.set()
+            slow.gate.set()
             await asyncio.wait_for(closing, 5)
             assert (await running).batch_size == 1
             results = [await t for t in queued]
@@ -277,4 +257,4 @@ def test_close_runs_requests_queued_behind_a_running_pass():
             assert batcher.pending == 0
 
     run(main())
-    assert calls == [1, 2]
+    assert slow.calls == [1, 2]
