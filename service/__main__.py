@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # Load and verify it all (hashes, version, allow-listed detector types, weight shapes)
-        # before uvicorn starts: a clean message and status 2, not a startup traceback. The
-        # lifespan (of each worker) loads it again.
-        load_bundle(settings.bundle)
+        # before uvicorn starts: a clean message and status 2, not a startup traceback. A single
+        # process serves this bundle; worker processes each load their own.
+        bundle = load_bundle(settings.bundle)
     except BundleError as e:
         log.error("%s", bundle_help(settings.bundle, str(e)))
         return 2
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               "timeout_graceful_shutdown": settings.shutdown_timeout}
     with _sigterm_after_shutdown_is_clean():
         if settings.workers == 1:
-            uvicorn.run(create_app(settings), **common)
+            uvicorn.run(create_app(settings, bundle), **common)
         else:  # each worker process builds its app from the same environment
             uvicorn.run("service.app:create_app", factory=True, workers=settings.workers,
                         **common)

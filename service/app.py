@@ -48,8 +48,12 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app; ``settings`` default to the environment / ``.env`` (:class:`Settings`)."""
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """A new app; ``settings`` default to the environment / ``.env`` (:class:`Settings`).
+
+    ``bundle``: the already loaded and verified bundle of ``settings.bundle``; if None, the
+    lifespan loads it.
+    """
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
     app = FastAPI(title="pathguard", description=DESCRIPTION, version=_package_version(),
@@ -57,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
+    app.state.preloaded = bundle
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -84,7 +89,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     torch.set_num_threads(settings.inference_threads)
     try:
-        bundle = await anyio.to_thread.run_sync(load_bundle, settings.bundle)
+        bundle = app.state.preloaded or await anyio.to_thread.run_sync(load_bundle,
+                                                                        settings.bundle)
     except BundleError as e:
         message = bundle_help(settings.bundle, str(e))
         log.error("%s", message)
