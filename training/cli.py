@@ -68,9 +68,9 @@ def add_runtime_args(p: argparse.ArgumentParser, device: bool = True) -> None:
                        help="torch device that trains, e.g. cpu or cuda; evaluation and the "
                             "written checkpoint are on the CPU (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="training arithmetic: bf16 autocast is ~3.5x faster on CPUs with "
-                        "AMX/AVX-512 BF16 (Sapphire Rapids and later) and on recent GPUs "
-                        "(default: %(default)s)")
+                   help="arithmetic of any training this command does: bf16 autocast is "
+                        "~3.7x faster on CPUs with AMX/AVX-512 BF16 (Sapphire Rapids and later) "
+                        "and on recent GPUs (default: %(default)s)")
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
 
