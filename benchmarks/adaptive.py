@@ -78,6 +78,7 @@ from detector.bundle import Bundle, load_bundle  # noqa: E402
 from detector.paths import compute_path  # noqa: E402
 from training.attacks import AttackSpec, craft  # noqa: E402
 from training.data import ImageData, load_dataset, to_float  # noqa: E402
+from training.experiment import split_by_image  # noqa: E402
 
 log = logging.getLogger("benchmarks.adaptive")
 
@@ -366,10 +367,8 @@ def select_images(data: ImageData, bundle: Bundle, n: int, *, side: str, split_s
     --seed split_seed`` evaluates on (never fitted), "fit" from the half it fits on. The order
     within the half is a permutation seeded by ``seed``.
     """
-    perm = torch.randperm(len(data.y_test),
-                          generator=torch.Generator().manual_seed(split_seed)).numpy()
-    half = len(perm) // 2
-    pool = perm[half:] if side == "eval" else perm[:half]
+    fit_half, eval_half = split_by_image(len(data.y_test), split_seed)
+    pool = (eval_half if side == "eval" else fit_half).numpy()
     pool = pool[np.random.default_rng(seed).permutation(len(pool))]
     chosen: list[np.ndarray] = []
     taken = 0

@@ -35,7 +35,7 @@ from torch import nn
 
 from detector.bundle import Bundle
 from detector.features import LAYER_STATS, PathBatch, PathProfile
-from detector.gates import GatedConv, conv_executor
+from detector.gates import GatedConv, conv_executor, saturated_sigmoid
 from detector.paths import PathResult
 
 STE_KINDS = ("sigmoid", "semhash")
@@ -51,7 +51,7 @@ def soft_gates(logits: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "sigmoid":
         return torch.sigmoid(logits)
     if kind == "semhash":
-        return torch.clamp(1.2 * torch.sigmoid(logits) - 0.1, 0.0, 1.0)
+        return saturated_sigmoid(logits)
     raise ValueError(f"unknown straight-through kind {kind!r}; choose one of {STE_KINDS}")
 
 

@@ -46,6 +46,11 @@ class ControlModule(nn.Module):
         return self.fc2(F.relu(self.fc1(s)))
 
 
+def saturated_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """clamp(1.2 sigmoid(x) - 0.1, 0, 1), elementwise, in [0, 1] (Kaiser & Bengio 2018)."""
+    return torch.clamp(1.2 * torch.sigmoid(x) - 0.1, 0.0, 1.0)
+
+
 def improved_semhash(logits: torch.Tensor, training: bool) -> torch.Tensor:
     """Binary gates from gate logits (B, C) -> (B, C) with values in [0, 1].
 
@@ -56,7 +61,7 @@ def improved_semhash(logits: torch.Tensor, training: bool) -> torch.Tensor:
     if not training:
         return (logits > 0).to(logits.dtype)
     g = logits + torch.randn_like(logits)
-    v1 = torch.clamp(1.2 * torch.sigmoid(g) - 0.1, 0.0, 1.0)
+    v1 = saturated_sigmoid(g)
     v2 = (g > 0).to(logits.dtype)
     hard = v1 + (v2 - v1).detach()  # value v2, gradient of v1
     use_soft = torch.rand_like(logits) < 0.5

@@ -19,6 +19,14 @@ from training.attacks import AttackSpec, craft
 from training.evaluation import detection_metrics
 
 
+def split_by_image(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the fitting and the evaluation half of a test split of ``n`` images: a
+    permutation seeded by ``seed``, cut in two; no image is on both sides."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    half = n // 2
+    return perm[:half], perm[half:]
+
+
 def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> PathBatch:
     """Paths of x: (N, C, H, W) in [0, 1], in eval mode, without gradients."""
     model.eval()

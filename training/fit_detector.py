@@ -41,6 +41,7 @@ from training.experiment import (
     extract_paths,
     sets_from_arrays,
     sets_to_arrays,
+    split_by_image,
 )
 from training.report import write_json
 
@@ -149,9 +150,8 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
 
     # Split the test split by image: fitting and evaluation sides share no image.
-    perm = torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(args.seed))
-    half = len(perm) // 2
-    fit_ids, eval_ids = perm[:half][:args.max_fit], perm[half:][:args.max_eval]
+    fit_half, eval_half = split_by_image(len(data.y_test), args.seed)
+    fit_ids, eval_ids = fit_half[:args.max_fit], eval_half[:args.max_eval]
     x_fit, y_fit = correct_subset(model, to_float(data.x_test[fit_ids]), data.y_test[fit_ids])
     x_eval, y_eval = correct_subset(model, to_float(data.x_test[eval_ids]), data.y_test[eval_ids])
     clean_acc = float(np.mean([len(y_fit) / len(fit_ids), len(y_eval) / len(eval_ids)]))
