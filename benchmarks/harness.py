@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +124,26 @@ def serving(bundle: Path, *, env: Mapping[str, str] | None = None, threads: int 
             yield server
         finally:
             server.stop(stop_timeout)
+
+
+def multipart(parts: Sequence[tuple[str, str | bytes, bytes, str]],
+              boundary: str = "pathguard-boundary") -> tuple[bytes, str]:
+    """(field, filename, data, content type) parts -> (multipart/form-data body, its
+    Content-Type header), built by hand so that a filename may be any bytes.
+
+    ValueError if ``boundary`` occurs in a part's data.
+    """
+    sep = boundary.encode()
+    chunks = []
+    for name, filename, data, ctype in parts:
+        if sep in data:
+            raise ValueError(f"the multipart boundary occurs in the data of {filename!r}")
+        fname = filename if isinstance(filename, bytes) else filename.encode()
+        chunks += [b"--" + sep + f'\r\nContent-Disposition: form-data; name="{name}"; '
+                   'filename="'.encode() + fname + f'"\r\nContent-Type: {ctype}\r\n\r\n'
+                   .encode(), data, b"\r\n"]
+    chunks.append(b"--" + sep + b"--\r\n")
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
 def process_cpu(pid: int) -> float:

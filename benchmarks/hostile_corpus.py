@@ -29,8 +29,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as ``python benchmarks/hostile_corpus.py`` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import multipart as encode_multipart  # noqa: E402
+
 #: The multipart boundary of every upload (checked not to occur in a file's bytes).
-BOUNDARY = b"pathguard-hostile-corpus-7c0b5e2a9d41"
+BOUNDARY = "pathguard-hostile-corpus-7c0b5e2a9d41"
 
 
 @dataclass(frozen=True)
@@ -371,13 +377,7 @@ def by_name(name: str) -> HostileFile:
 def multipart(item: HostileFile, data: bytes) -> tuple[bytes, str]:
     """(body, Content-Type header) of a multipart/form-data request with ``data`` as the field
     ``file``, built by hand so that the file name may be any bytes."""
-    if BOUNDARY in data:
-        raise ValueError(f"{item.name}: the boundary occurs in the file")
-    head = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; filename="'
-            + item.upload_name + b'"\r\nContent-Type: ' + item.content_type.encode()
-            + b"\r\n\r\n")
-    body = head + data + b"\r\n--" + BOUNDARY + b"--\r\n"
-    return body, f"multipart/form-data; boundary={BOUNDARY.decode()}"
+    return encode_multipart([("file", item.upload_name, data, item.content_type)], BOUNDARY)
 
 
 def problems(item: HostileFile, status: int, body: Any) -> list[str]:

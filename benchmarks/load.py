@@ -54,7 +54,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as ``python benchmarks/load.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import Server, metric_value, process_cpu, serving  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Server,
+    metric_value,
+    multipart,
+    process_cpu,
+    serving,
+)
 from detector.bundle import read_manifest  # noqa: E402
 from service.config import ENV_PREFIX, Settings  # noqa: E402
 
@@ -148,18 +154,6 @@ class Summary:
 
 
 # --- request payloads ------------------------------------------------------------------------
-
-
-def multipart(parts: Sequence[tuple[str, str, bytes, str]],
-              boundary: str = "pathguard-load-boundary") -> tuple[bytes, str]:
-    """(field, filename, data, content type) parts -> multipart/form-data body and its type."""
-    chunks = []
-    for name, filename, data, ctype in parts:
-        chunks += [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                   f"filename=\"{filename}\"\r\nContent-Type: {ctype}\r\n\r\n".encode(),
-                   data, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
 def encode_image(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
