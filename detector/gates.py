@@ -96,6 +96,7 @@ class PathRecorder:
     """Collects :class:`GateRecord` s in execution order during one forward pass."""
 
     force_open: bool = False
+    detach_input: bool = False
     records: dict[str, GateRecord] = field(default_factory=dict)
 
 
@@ -103,13 +104,16 @@ _RECORDER: ContextVar[PathRecorder | None] = ContextVar("pathguard_recorder", de
 
 
 @contextmanager
-def recording(force_open: bool = False) -> Iterator[PathRecorder]:
+def recording(force_open: bool = False, detach_input: bool = False) -> Iterator[PathRecorder]:
     """Record the gates of every forward pass run inside the block (this thread/task only).
 
     ``force_open=True`` opens every gate, which makes a decoupled network compute exactly like
     the network it was made from (useful for baselines and equivalence checks).
+    ``detach_input=True`` feeds each control module a detached copy of its layer's input: losses
+    on the gates then train the control modules only, not the convolutions before them (the
+    values computed are the same).
     """
-    recorder = PathRecorder(force_open=force_open)
+    recorder = PathRecorder(force_open=force_open, detach_input=detach_input)
     token = _RECORDER.set(recorder)
     try:
         yield recorder
@@ -173,8 +177,9 @@ class GatedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H', W') with closed filters set to 0."""
-        logits = self.control(x)  # (B, C_out)
         recorder = _RECORDER.get()
+        detach = recorder is not None and recorder.detach_input
+        logits = self.control(x.detach() if detach else x)  # (B, C_out)
         if recorder is not None and recorder.force_open:
             z = torch.ones_like(logits)
         else:

@@ -67,12 +67,15 @@ class PathResult:
         return (network_macs - gated_dense + executed) / network_macs
 
 
-def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False) -> PathResult:
+def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False,
+                 detach_gate_input: bool = False) -> PathResult:
     """Run ``model`` once on x: (B, C, H, W) in [0, 1] and return logits and path.
 
     Gradients flow if the caller enables them; the model's mode (train/eval) is respected.
+    ``detach_gate_input=True`` stops gradients from the gates into the layers before them
+    (training only; see :func:`detector.gates.recording`).
     """
-    with recording(force_open=force_open) as rec:
+    with recording(force_open=force_open, detach_input=detach_gate_input) as rec:
         logits = model(x)
     layers = {}
     for name, r in rec.records.items():

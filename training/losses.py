@@ -1,6 +1,9 @@
 """Decoupling losses of Li et al. (ECCV 2020), METHOD.md section 3, summed over gated layers.
 
 total = CE(logits, y) + lambda_k * KL + lambda_m * MI + lambda_s * SPARSE
+
+With a teacher (the base network), the cross-entropy term becomes Hinton et al.'s distillation
+mix (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T); not part of the paper's recipe.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ def kl_alignment_loss(pooled: torch.Tensor, gates: torch.Tensor,
     return F.kl_div(F.log_softmax(gates, dim=1), target, reduction="batchmean")
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch.
+
+    student, teacher: (B, K) logits; the teacher is treated as a constant. Returns a scalar >= 0.
+    """
+    t = temperature
+    target = F.softmax(teacher.detach().float() / t, dim=1)
+    return F.kl_div(F.log_softmax(student.float() / t, dim=1), target,
+                    reduction="batchmean") * t * t
+
+
 def sparsity_loss(gates: torch.Tensor, target: float = 0.0) -> torch.Tensor:
     """| mean over batch of ||z||_1 - target * C |; gates: (B, C); target in [0, 1)."""
     return (gates.sum(dim=1).mean() - target * gates.shape[1]).abs()
@@ -40,13 +55,17 @@ def sparsity_loss(gates: torch.Tensor, target: float = 0.0) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """lambda_k (KL), lambda_m (MI), lambda_s (sparsity), target (active-channel ratio)."""
+    """lambda_k (KL), lambda_m (MI), lambda_s (sparsity), target (active-channel ratio);
+    distill = alpha in [0, 1], the share of the cross-entropy term given to matching a teacher's
+    softened outputs at ``temperature``."""
 
     kl: float = 1.0
     mi: float = 0.01
     sparse: float = 1.5e-4
     target: float = 0.0
     kl_detach: bool = False  # KL moves only the gates, not the conv features
+    distill: float = 0.0
+    temperature: float = 4.0
 
 
 class DecouplingLoss(nn.Module):
@@ -61,8 +80,13 @@ class DecouplingLoss(nn.Module):
         self.names = list(layers)
         self.heads = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in layers.values())
 
-    def forward(self, path: PathResult, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss terms (scalars): ce, kl, mi, sparse and their weighted total."""
+    def forward(self, path: PathResult, y: torch.Tensor,
+                teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms (scalars): ce, kl, mi, sparse (and distill) and their weighted total.
+
+        teacher: (B, K) logits of the network being decoupled, required when
+        ``weights.distill > 0``.
+        """
         zero = path.logits.new_zeros(())
         kl, mi, sparse = zero, zero, zero
         for name, head in zip(self.names, self.heads, strict=True):
@@ -72,5 +96,12 @@ class DecouplingLoss(nn.Module):
             sparse = sparse + sparsity_loss(layer.bits, self.weights.target)
         ce = F.cross_entropy(path.logits, y)
         w = self.weights
-        total = ce + w.kl * kl + w.mi * mi + w.sparse * sparse
-        return {"total": total, "ce": ce, "kl": kl, "mi": mi, "sparse": sparse}
+        terms = {"ce": ce, "kl": kl, "mi": mi, "sparse": sparse}
+        task = ce
+        if w.distill > 0:
+            if teacher is None:
+                raise ValueError("distillation weight > 0 needs the teacher's logits")
+            terms["distill"] = distillation_loss(path.logits, teacher, w.temperature)
+            task = (1 - w.distill) * ce + w.distill * terms["distill"]
+        terms["total"] = task + w.kl * kl + w.mi * mi + w.sparse * sparse
+        return terms

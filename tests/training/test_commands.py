@@ -129,6 +129,8 @@ def test_train_too_small_images_message(capsys, tmp_path):
 @pytest.mark.parametrize(("argv", "named"), [
     (["--target", "1.5"], "1.5"),
     (["--target", "-0.1"], "-0.1"),
+    (["--distill", "1.5"], "1.5"),
+    (["--temperature", "0"], "'0'"),
     (["--epochs", "0"], "'0'"),
     (["--dataset", "no-such-data"], "no-such-data"),
 ])

@@ -13,6 +13,7 @@ from detector.paths import LayerPath, PathResult, compute_path
 from training.losses import (
     DecouplingLoss,
     LossWeights,
+    distillation_loss,
     kl_alignment_loss,
     mutual_information_loss,
     sparsity_loss,
@@ -133,3 +134,50 @@ def test_detached_kl_moves_only_the_gates():
     assert gates.grad is not None and gates.grad.abs().sum() > 0
     torch.testing.assert_close(kl_alignment_loss(pooled, gates, detach_target=True),
                                kl_alignment_loss(pooled, gates))
+
+
+def test_distillation_loss_hand_computed():
+    teacher = torch.tensor([[2.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0]])
+    # T = 2: teacher probabilities softmax([1, 0]) = (e, 1) / (e + 1), student (1/2, 1/2)
+    p = torch.tensor([math.e, 1.0]) / (math.e + 1)
+    manual = 4 * float((p * (p / 0.5).log()).sum())
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(manual, rel=1e-6)
+    assert distillation_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distillation_mixes_into_the_task_term():
+    path, y = hand_path(), torch.tensor([0, 5, 2, 2])
+    teacher = torch.randn(4, 6)
+    w = LossWeights(kl=0.7, mi=0.3, sparse=0.05, target=0.4, distill=0.75, temperature=3.0)
+    loss = DecouplingLoss({"l1": 3, "l2": 5}, num_classes=6, weights=w)
+    terms = loss(path, y, teacher)
+    kd = distillation_loss(path.logits, teacher, 3.0)
+    torch.testing.assert_close(terms["distill"], kd)
+    rest = 0.7 * terms["kl"] + 0.3 * terms["mi"] + 0.05 * terms["sparse"]
+    torch.testing.assert_close(terms["total"], 0.25 * terms["ce"] + 0.75 * kd + rest)
+    with pytest.raises(ValueError, match="teacher"):
+        loss(path, y)
+
+
+def test_isolated_gates_do_not_train_the_layers_before_them():
+    torch.manual_seed(0)
+    model = decouple(create_model("small_cnn", in_channels=1, width=8)).train()
+    layers = gated_layers(model)
+    for m in layers.values():  # FC1 starts at zero (input-independent gates): as if trained
+        torch.nn.init.normal_(m.control.fc1.weight)
+    loss = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()}, 10,
+                          LossWeights(kl=0.0, mi=1.0, sparse=1.0, target=0.5))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    grads = {}
+    for isolate in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # same gate noise in both passes
+        terms = loss(compute_path(model, x, detach_gate_input=isolate), y)
+        (terms["mi"] + terms["sparse"]).backward()
+        grads[isolate] = [c.weight.grad for c in convs]
+        assert all(m.control.fc2.weight.grad.abs().sum() > 0 for m in layers.values())
+    # the stem conv feeds the first gate: reached only when the gates are not isolated
+    assert grads[False][0] is not None and grads[False][0].abs().sum() > 0
+    assert all(g is None or g.abs().sum() == 0 for g in grads[True])
