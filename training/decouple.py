@@ -76,20 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mutual information (default: %(default)s)")
     w.add_argument("--lambda-s", type=float, default=d.sparse,
                    help="sparsity (default: %(default)s)")
-    w.add_argument("--distill", type=float, default=d.distill,
+    w.add_argument("--distill", type=float, default=None,
                    help="share alpha in [0, 1] of the cross-entropy term replaced by matching "
                         "the base network's softened outputs (knowledge distillation; costs one "
-                        "extra forward pass of the base per batch; default: %(default)s)")
+                        "extra forward pass of the base per batch; default: the data set's "
+                        "preset: 0.5 for CIFAR-10, else 0)")
     w.add_argument("--temperature", type=positive(float), default=d.temperature,
                    help="softmax temperature of --distill (default: %(default)s)")
-    w.add_argument("--isolate-gates", action=argparse.BooleanOptionalAction, default=False,
+    w.add_argument("--isolate-gates", action=argparse.BooleanOptionalAction, default=None,
                    help="feed the control modules a detached copy of their input, so the MI, "
                         "KL (gate side) and sparsity losses train the gates only and do not "
-                        "reshape the conv features before them (default: %(default)s)")
+                        "reshape the conv features before them (default: the data set's "
+                        "preset: on for CIFAR-10, else off)")
     w.add_argument("--target", type=float, default=None,
                    help="target share of active filters in [0, 1); 0 = plain L1 "
-                        "(default: the data set's preset: 0.7 for digits and MNIST, 0.5 for "
-                        "CIFAR-10 and others)")
+                        "(default: the data set's preset: 0.7 for digits and MNIST, 0.55 for "
+                        "CIFAR-10, 0.5 for others)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<dataset>/decoupled)")
     add_runtime_args(p)
@@ -99,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     if args.target is not None and not 0.0 <= args.target < 1.0:
         raise ValueError(f"--target must be in [0, 1), got {args.target}")
-    if not 0.0 <= args.distill <= 1.0:
+    if args.distill is not None and not 0.0 <= args.distill <= 1.0:
         raise ValueError(f"--distill must be in [0, 1], got {args.distill}")
     data = load_data(args)
     preset = preset_for(data)
     target = preset.target if args.target is None else args.target
+    distill = preset.distill if args.distill is None else args.distill
+    isolate = preset.isolate_gates if args.isolate_gates is None else args.isolate_gates
     base_dir = args.base or Path("runs") / data.name / "base"
     base, base_spec = load_checkpoint(base_dir)
     if base_spec.decoupled:
@@ -113,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
                          f"{args.dataset!r} has {data.input_shape}")
     out = args.out or Path("runs") / data.name / "decoupled"
     weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, target,
-                          args.kl_detach, args.distill, args.temperature)
+                          args.kl_detach, distill, args.temperature)
     config = {
         "command": "decouple", "base": str(base_dir), "dataset": args.dataset,
         "data_name": data.name, "arch": base_spec.arch,
@@ -122,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
         "lr": args.lr or preset.decouple_lr, "weight_decay": args.weight_decay,
         "augment": preset.augment if args.augment is None else args.augment,
         "reduction": args.reduction, "gate_lr_mult": args.gate_lr_mult,
-        "loss_weights": asdict(weights), "isolate_gates": args.isolate_gates,
+        "loss_weights": asdict(weights), "isolate_gates": isolate,
         "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
         "device": args.device,
@@ -142,7 +146,7 @@ def main(args: argparse.Namespace) -> None:
         if teacher is not None:
             with torch.no_grad():
                 soft = teacher(xb)
-        path = compute_path(model, xb, detach_gate_input=args.isolate_gates)
+        path = compute_path(model, xb, detach_gate_input=isolate)
         return loss_fn(path, yb, soft)
 
     start = time.perf_counter()

@@ -62,6 +62,8 @@ def test_decouple_writes_run_directory(decoupled_run, base_run):
     config = json.loads((decoupled_run / "config.json").read_text())
     assert config["command"] == "decouple" and config["base"] == str(base_run)
     assert config["epochs"] == 1
+    # the digits preset: the paper's recipe, no distillation, gates not isolated
+    assert config["loss_weights"]["distill"] == 0 and config["isolate_gates"] is False
     model, spec = load_checkpoint(decoupled_run)
     assert spec.decoupled
     layers = list(gated_layers(model))
@@ -77,6 +79,19 @@ def test_decouple_writes_run_directory(decoupled_run, base_run):
     assert set(metrics["active_fraction_per_layer"]) == set(layers)
     assert {"total", "ce", "kl", "mi", "sparse"} <= set(metrics["loss_curve"][0])
     assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["base_test_accuracy"] <= 1
+
+
+def test_decouple_with_distillation_and_isolated_gates(base_run, tmp_path):
+    out = tmp_path / "kd"
+    decouple_cmd.cli(["--base", str(base_run), "--dataset", "digits", "--epochs", "1",
+                      "--distill", "0.5", "--temperature", "2", "--isolate-gates",
+                      "--out", str(out), "--quiet"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["isolate_gates"] is True
+    assert config["loss_weights"]["distill"] == 0.5
+    assert config["loss_weights"]["temperature"] == 2.0
+    curve = json.loads((out / "metrics.json").read_text())["loss_curve"]
+    assert curve[0]["distill"] > 0
 
 
 def run_error(cli, argv, capsys):
