@@ -25,6 +25,11 @@ def mutual_information_loss(gates: torch.Tensor, head: nn.Linear, y: torch.Tenso
     return F.cross_entropy(head(gates), y)
 
 
+def softmax_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)) over dim 1, averaged over the batch; both (B, C)."""
+    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(target, dim=1), reduction="batchmean")
+
+
 def kl_alignment_loss(pooled: torch.Tensor, gates: torch.Tensor,
                       detach_target: bool = False) -> torch.Tensor:
     """KL(softmax(pooled) || softmax(gates)) over channels, averaged over the batch.
@@ -32,8 +37,7 @@ def kl_alignment_loss(pooled: torch.Tensor, gates: torch.Tensor,
     pooled: (B, C) global average of the layer output before masking; gates: (B, C).
     ``detach_target`` treats the layer output as a fixed target, so only the gates move.
     """
-    target = F.softmax(pooled.detach() if detach_target else pooled, dim=1)
-    return F.kl_div(F.log_softmax(gates, dim=1), target, reduction="batchmean")
+    return softmax_kl(pooled.detach() if detach_target else pooled, gates)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
@@ -43,9 +47,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
     student, teacher: (B, K) logits; the teacher is treated as a constant. Returns a scalar >= 0.
     """
     t = temperature
-    target = F.softmax(teacher.detach().float() / t, dim=1)
-    return F.kl_div(F.log_softmax(student.float() / t, dim=1), target,
-                    reduction="batchmean") * t * t
+    return softmax_kl(teacher.detach().float() / t, student.float() / t) * t * t
 
 
 def sparsity_loss(gates: torch.Tensor, target: float = 0.0) -> torch.Tensor:
