@@ -1,6 +1,10 @@
 """``python -m training.train``: train a base (dense) classifier and write its run directory.
 
 Output: ``<out>/weights.safetensors``, ``model.json``, ``config.json``, ``metrics.json``.
+
+``--init RUN`` starts from the weights of an earlier base run (same architecture and data shape)
+with a fresh learning-rate schedule: a base can be trained in several sittings (e.g. 40 epochs,
+then 20 more at a lower ``--lr``), each writing its own run directory.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from detector.checkpoint import ModelSpec, save_checkpoint
+from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from detector.paths import network_macs
 from training.cli import (
     add_data_args,
@@ -24,6 +29,7 @@ from training.cli import (
     preset_for,
     run_command,
 )
+from training.data import ImageData
 from training.engine import evaluate, fit
 from training.report import write_json
 
@@ -36,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     g = p.add_argument_group("model and optimisation (defaults come from the data set's preset)")
-    g.add_argument("--arch", help="architecture: small_cnn, resnet20, resnet56, resnet18, ...")
+    g.add_argument("--arch", help="architecture: small_cnn, resnet20, resnet56, resnet18, ... "
+                   "(default: the preset's, or --init's)")
+    g.add_argument("--width", type=positive(int), default=None,
+                   help="filters of small_cnn's first layers (the last two have twice as many; "
+                        "default: 32)")
+    g.add_argument("--init", type=Path, default=None, metavar="RUN",
+                   help="start from the weights of this base run directory instead of a random "
+                        "initialisation (the learning-rate schedule starts afresh)")
     g.add_argument("--epochs", type=positive(int), help="training epochs")
     g.add_argument("--batch-size", type=positive(int), help="mini-batch size")
     g.add_argument("--lr", type=positive(float),
@@ -53,8 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     data = load_data(args)
     preset = preset_for(data)
-    arch = args.arch or preset.arch
+    init, init_spec = _load_init(args.init, data) if args.init else (None, None)
+    arch = args.arch or (init_spec.arch if init_spec else preset.arch)
     check_arch(arch, data)
+    arch_kwargs = dict(init_spec.arch_kwargs) if init_spec else {}
+    if args.width is not None:
+        if arch != "small_cnn":
+            raise ValueError(f"--width applies to small_cnn only, not to --arch {arch!r}")
+        arch_kwargs["width"] = args.width
+    spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes,
+                     arch_kwargs=arch_kwargs)
+    if init_spec is not None and (spec.arch, spec.arch_kwargs) != (init_spec.arch,
+                                                                   init_spec.arch_kwargs):
+        raise ValueError(f"--init {args.init} holds {init_spec.arch} {init_spec.arch_kwargs}, "
+                         f"not {spec.arch} {spec.arch_kwargs}")
     out = args.out or Path("runs") / data.name / "base"
     config = {
         "command": "train", "dataset": args.dataset, "data_name": data.name, "arch": arch,
@@ -62,10 +87,11 @@ def main(args: argparse.Namespace) -> None:
         "lr": args.lr or preset.lr, "weight_decay": args.weight_decay,
         "augment": preset.augment if args.augment is None else args.augment, "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
-        "device": args.device,
+        "device": args.device, "arch_kwargs": arch_kwargs,
+        "init": None if args.init is None else str(args.init),
     }
-    spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes)
-    model = spec.build().to(args.device)
+    init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
+    model = (init if init is not None else spec.build()).to(args.device)
     log.info("training %s on %s: %d train / %d test images", arch, data.name,
              len(data.y_train), len(data.y_test))
 
@@ -85,11 +111,25 @@ def main(args: argparse.Namespace) -> None:
         "train_seconds": seconds, "loss_curve": [h["total"] for h in history],
         "dense_macs_per_input": network_macs(model, data.input_shape),
     }
+    if init_test is not None:
+        metrics["init_test_accuracy"] = init_test
     save_checkpoint(out, model, spec)
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
     print(f"{arch} on {data.name}: test accuracy {test['accuracy']:.4f} "  # noqa: T201
           f"after {config['epochs']} epochs in {seconds:.0f}s -> {out}")
+
+
+def _load_init(run: Path, data: ImageData) -> tuple[nn.Module, ModelSpec]:
+    """The network of base run ``run`` (in train mode) and its spec, checked against ``data``."""
+    model, spec = load_checkpoint(run)
+    if spec.decoupled:
+        raise ValueError(f"--init {run} is a decoupled network; give a base run")
+    if (spec.input_shape, spec.classes) != (data.input_shape, data.classes):
+        raise ValueError(f"--init {run} expects images {spec.input_shape} and "
+                         f"{len(spec.classes)} classes; dataset {data.name!r} has "
+                         f"{data.input_shape} and {len(data.classes)}")
+    return model.train(), spec
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -135,6 +135,43 @@ def test_train_in_bfloat16(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_train_continues_from_init_with_its_width(tmp_path):
+    """--init starts from an earlier run's weights (its width kept); --width builds small_cnn."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_cmd.cli(["--epochs", "2", "--batch-size", "64", "--width", "8", "--out", str(first),
+                   "-q"])
+    model, spec = load_checkpoint(first)
+    assert spec.arch_kwargs == {"width": 8}
+    assert model.classifier.in_features == 16  # the last layers have twice the width
+    first_metrics = json.loads((first / "metrics.json").read_text())
+    train_cmd.cli(["--epochs", "1", "--batch-size", "64", "--lr", "0.01", "--init", str(first),
+                   "--out", str(second), "-q"])
+    config = json.loads((second / "config.json").read_text())
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert config["init"] == str(first) and config["arch_kwargs"] == {"width": 8}
+    # the run starts where the first ended: its loss starts below the first run's start
+    assert metrics["init_test_accuracy"] == pytest.approx(first_metrics["test_accuracy"])
+    assert metrics["loss_curve"][0] < first_metrics["loss_curve"][0]
+    assert load_checkpoint(second)[1].arch_kwargs == {"width": 8}
+
+
+def test_train_init_of_other_width_exit_2(base_run, capsys, tmp_path):
+    err = run_error(train_cmd.cli, ["--init", str(base_run), "--width", "16", "--out",
+                                    str(tmp_path / "out"), "-q"], capsys)
+    assert str(base_run) in err and "{'width': 16}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_init_refuses_decoupled_and_other_shapes(decoupled_run, capsys, tmp_path):
+    err = run_error(train_cmd.cli, ["--init", str(decoupled_run), "-q"], capsys)
+    assert "decoupled" in err and str(decoupled_run) in err
+    err = run_error(train_cmd.cli, ["--init", str(ROOT / "models/mnist/base"), "-q"], capsys)
+    assert "(1, 28, 28)" in err and "(1, 8, 8)" in err
+    err = run_error(train_cmd.cli, ["--arch", "resnet20", "--width", "8", "--dataset",
+                                    "digits", "-q"], capsys)
+    assert "--width" in err and "resnet20" in err
+
+
 def test_train_too_small_images_message(capsys, tmp_path):
     err = run_error(train_cmd.cli, ["--arch", "resnet18", "--out", str(tmp_path), "-q"], capsys)
     assert "8x8" in err and "too small" in err
