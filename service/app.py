@@ -2,9 +2,11 @@
 
 ``create_app(settings)`` builds a fresh app with its own metrics registry and no model; the
 lifespan (run by uvicorn or ``with TestClient(app)``) loads the bundle, sets torch's thread
-count, warms the model up in the inference threads and starts the micro-batcher, and only then
-marks the service ready. State lives on ``app.state``: ``settings``, ``metrics`` and
-``service`` (:class:`~service.deps.ServiceState`, ``None`` outside the lifespan).
+count, picks the execution mode (``PATHGUARD_EXECUTION=auto`` times masked and sparse execution
+here, see :mod:`detector.execution`), warms the model up in the inference threads and starts the
+micro-batcher, and only then marks the service ready. State lives on ``app.state``:
+``settings``, ``metrics`` and ``service`` (:class:`~service.deps.ServiceState`, ``None``
+outside the lifespan).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -23,7 +25,9 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
+from detector.analysis import Analysis
 from detector.bundle import Bundle, BundleError, load_bundle
+from detector.execution import ExecutionPlan, fixed_plan, plan_execution
 from service.batching import MicroBatcher
 from service.config import Settings, bundle_help
 from service.deps import ServiceState
@@ -69,14 +73,33 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     return app
 
 
-async def _warm_up(bundle: Bundle, executor: Executor, settings: Settings) -> None:
-    """Run the model at batch sizes 1 and max in every inference thread, and one decode."""
-    c, h, w = bundle.spec.input_shape
+def _batch_sizes(settings: Settings) -> list[int]:
+    """The batch sizes the server runs: 1 and, with micro-batching, the largest."""
+    return sorted({1, settings.max_batch_size if settings.micro_batch else 1})
+
+
+async def _plan(bundle: Bundle, executor: Executor, settings: Settings) -> ExecutionPlan:
+    """The configured execution mode, or for ``auto`` the faster one measured here."""
+    if settings.execution != "auto":
+        return fixed_plan(settings.execution)
     loop = asyncio.get_running_loop()
-    sizes = [1, settings.max_batch_size if settings.micro_batch else 1]
-    run = partial(bundle.analyze, execution=settings.execution)
+    plan = await loop.run_in_executor(executor, partial(
+        plan_execution, bundle.analyze, bundle.spec.input_shape, _batch_sizes(settings)))
+    log.info("execution auto: %s", plan.describe())
+    return plan
+
+
+def _analyze(bundle: Bundle, plan: ExecutionPlan, images: torch.Tensor) -> Analysis:
+    return bundle.analyze(images, execution=plan.for_batch(len(images)))
+
+
+async def _warm_up(run: Callable[[torch.Tensor], Analysis], input_shape: tuple[int, ...],
+                   executor: Executor, settings: Settings) -> None:
+    """Run the model at batch sizes 1 and max in every inference thread, and one decode."""
+    c, h, w = input_shape
+    loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(executor, run, torch.zeros(n, c, h, w))
-            for _ in range(2 * settings.inference_workers) for n in sizes]
+            for _ in range(2 * settings.inference_workers) for n in _batch_sizes(settings)]
     await asyncio.gather(*jobs)
     png = io.BytesIO()
     Image.new("L" if c == 1 else "RGB", (w, h)).save(png, "PNG")
@@ -99,9 +122,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.inference_workers,
                                       thread_name_prefix="pathguard-inference")
         stack.callback(executor.shutdown, wait=True)
-        await _warm_up(bundle, executor, settings)
+        plan = await _plan(bundle, executor, settings)
+        run = partial(_analyze, bundle, plan)
+        await _warm_up(run, bundle.spec.input_shape, executor, settings)
         batcher = MicroBatcher(
-            partial(bundle.analyze, execution=settings.execution), executor,
+            run, executor,
             max_batch=settings.max_batch_size if settings.micro_batch else 1,
             max_wait_s=settings.batch_wait_ms / 1e3, max_pending=settings.max_queue,
             workers=settings.inference_workers, on_batch=metrics.observe_batch)
@@ -111,6 +136,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.model.labels(card.name, card.version).set(1)
         metrics.track_queue(lambda: batcher.pending)
         state = ServiceState(settings=settings, bundle=bundle, card=card, batcher=batcher,
+                             execution=plan,
                              decode_limiter=anyio.CapacityLimiter(settings.decode_workers))
         app.state.service = state
         state.ready = True

@@ -43,9 +43,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long an idle "
                                  "micro-batcher waits for more requests before it runs "
                                  "(0: run what is queued at once)")
-    execution: Literal["masked", "sparse"] = Field(
-        "masked", description="masked: every filter computed, closed ones zeroed; sparse: only "
-        "open filters run (pays only for wide layers, see docs/RESULTS.md)")
+    execution: Literal["auto", "masked", "sparse"] = Field(
+        "auto", description="masked: every filter computed, closed ones zeroed; sparse: only "
+        "open filters run (pays only for wide layers, see docs/RESULTS.md); auto: time both at "
+        "start-up, at batch 1 and at the largest batch, and use the faster for each")
     max_queue: int = Field(256, ge=1, description="images queued or running; beyond it "
                            "requests get 503")
     shutdown_timeout: int = Field(8, ge=1, description="seconds in-flight requests get to "

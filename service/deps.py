@@ -15,6 +15,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from detector.bundle import Bundle
+from detector.execution import ExecutionPlan
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.errors import ApiError
@@ -32,6 +33,7 @@ class ServiceState:
     bundle: Bundle
     card: ModelCard
     batcher: MicroBatcher
+    execution: ExecutionPlan
     decode_limiter: anyio.CapacityLimiter
     ready: bool = False
 

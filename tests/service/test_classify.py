@@ -213,15 +213,24 @@ def test_overload_gives_503(make_settings, digit_png):
     assert results[0].status_code == 200
 
 
-def test_sparse_execution_serves_the_same_answer(client, make_settings, digit_png):
-    masked = client.post("/classify", files={"file": ("d.png", digit_png, "image/png")}).json()
-    assert masked["path"]["execution"] == "masked"
-    with TestClient(create_app(make_settings(execution="sparse"))) as sparse_client:
-        r = sparse_client.post("/classify", files={"file": ("d.png", digit_png, "image/png")})
-    assert r.status_code == 200, r.text
-    sparse = r.json()
-    assert sparse["path"]["execution"] == "sparse"
-    assert sparse["prediction"]["index"] == masked["prediction"]["index"]
-    assert sparse["adversarial"]["score"] == pytest.approx(masked["adversarial"]["score"],
-                                                           abs=1e-5)
-    assert sparse["path"]["open_fraction"] == masked["path"]["open_fraction"]
+def test_every_execution_mode_serves_the_same_answer(client, make_settings, digit_png):
+    """masked, sparse and the shared app's auto (timed at start-up) answer alike and say so."""
+    files = {"file": ("d.png", digit_png, "image/png")}
+    answers = {}
+    for mode in ("masked", "sparse"):
+        with TestClient(create_app(make_settings(execution=mode))) as mode_client:
+            r = mode_client.post("/classify", files=files)
+        assert r.status_code == 200, r.text
+        answers[mode] = r.json()
+        assert answers[mode]["path"]["execution"] == mode
+    plan = client.app.state.service.execution
+    assert set(plan.timings_ms) == {1, client.app.state.settings.max_batch_size}
+    assert all(set(t) == {"masked", "sparse"} and min(t.values()) > 0
+               for t in plan.timings_ms.values())
+    auto = client.post("/classify", files=files).json()
+    assert auto["path"]["execution"] == plan.single
+    for answer in (answers["sparse"], auto):
+        assert answer["prediction"]["index"] == answers["masked"]["prediction"]["index"]
+        assert answer["adversarial"]["score"] == pytest.approx(
+            answers["masked"]["adversarial"]["score"], abs=1e-5)
+        assert answer["path"]["open_fraction"] == answers["masked"]["path"]["open_fraction"]
