@@ -56,7 +56,8 @@ from training.data import ImageData, load_dataset, to_float  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed")
 
-DEFAULT_CHECKPOINTS = (Path("models/mnist/decoupled"), Path("models/cifar10/decoupled"))
+DEFAULT_CHECKPOINTS = (Path("models/mnist/decoupled"), Path("models/mnist_wide/decoupled"),
+                       Path("models/cifar10/decoupled"))
 DEFAULT_DATASETS = ("../shared/data/mnist.npz", "../shared/data/cifar10.npz", "digits")
 BATCH_SIZES = (1, 32)
 MODES = ("dense", "gated", "sparse", "gated+path", "sparse+path")

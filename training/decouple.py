@@ -4,6 +4,10 @@ the decoupling losses (cross-entropy + KL alignment + mutual information + spars
 Output: ``<out>/weights.safetensors``, ``model.json``, ``config.json``, ``metrics.json``,
 ``filter_states.json`` and ``filter_states.png`` (high-energy / dynamic / silent filters per
 gated layer over the test split).
+
+``--init RUN`` continues an earlier decoupled run of the same base (its gates and weights) with
+a fresh schedule, so decoupling can run in several sittings; the variational classifiers of the
+MI loss are not part of a checkpoint and start afresh.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, default=None,
                    help="base run directory from training.train (default: runs/<dataset>/base)")
+    p.add_argument("--init", type=Path, default=None, metavar="RUN",
+                   help="continue this decoupled run directory of the same base instead of "
+                        "adding fresh gates (the learning-rate schedule starts afresh)")
     add_data_args(p)
     g = p.add_argument_group("fine-tuning (defaults come from the data set's preset)")
     g.add_argument("--epochs", type=positive(int), help="fine-tuning epochs")
@@ -118,8 +125,10 @@ def main(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / data.name / "decoupled"
     weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, target,
                           args.kl_detach, distill, args.temperature)
+    init = _load_init(args.init, base_spec, args.reduction) if args.init else None
     config = {
-        "command": "decouple", "base": str(base_dir), "dataset": args.dataset,
+        "command": "decouple", "base": str(base_dir),
+        "init": None if args.init is None else str(args.init), "dataset": args.dataset,
         "data_name": data.name, "arch": base_spec.arch,
         "epochs": args.epochs or preset.decouple_epochs,
         "batch_size": args.batch_size or preset.batch_size,
@@ -132,7 +141,8 @@ def main(args: argparse.Namespace) -> None:
         "device": args.device,
     }
     base_test = evaluate(base, data.x_test, data.y_test)
-    model = decouple(base, args.reduction).to(args.device)
+    init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
+    model = (init if init is not None else decouple(base, args.reduction)).to(args.device)
     layers = gated_layers(model)
     loss_fn = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()},
                              base_spec.num_classes, weights).to(args.device)
@@ -167,6 +177,8 @@ def main(args: argparse.Namespace) -> None:
     metrics = summarize(model, spec, data.x_test, data.y_test)
     metrics.update(base_test_accuracy=base_test["accuracy"], train_seconds=seconds,
                    loss_curve=history)
+    if init_test is not None:
+        metrics["init_test_accuracy"] = init_test
     states = metrics.pop("filter_states")
     save_checkpoint(out, model, spec)
     write_json(out / "config.json", config)
@@ -177,6 +189,20 @@ def main(args: argparse.Namespace) -> None:
     print(json.dumps({k: metrics[k] for k in (  # noqa: T201
         "test_accuracy", "base_test_accuracy", "active_fraction", "flops_fraction")}))
     print(f"decoupled {spec.arch} on {data.name} in {seconds:.0f}s -> {out}")  # noqa: T201
+
+
+def _load_init(run: Path, base_spec: ModelSpec, reduction: int) -> torch.nn.Module:
+    """The decoupled network of run ``run`` (train mode), checked to match the base's spec."""
+    model, spec = load_checkpoint(run)
+    if not spec.decoupled:
+        raise ValueError(f"--init {run} is not decoupled; give a training.decouple run")
+    expected = replace(base_spec, decoupled=True, reduction=reduction)
+    if spec != expected:
+        raise ValueError(f"--init {run} holds {spec.arch} {spec.arch_kwargs} for "
+                         f"{spec.input_shape} with gate reduction {spec.reduction}, the base and "
+                         f"options give {expected.arch} {expected.arch_kwargs} for "
+                         f"{expected.input_shape} with reduction {expected.reduction}")
+    return model.train()
 
 
 def summarize(model: torch.nn.Module, spec: ModelSpec, x: torch.Tensor,

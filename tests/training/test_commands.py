@@ -194,6 +194,33 @@ def test_decouple_errors_exit_2_naming_the_value(argv, named, capsys, base_run, 
     assert not (tmp_path / "out").exists()
 
 
+def test_decouple_continues_from_init(decoupled_run, base_run, tmp_path):
+    """--init continues a decoupled run: its gates and weights, not fresh gates."""
+    out = tmp_path / "again"
+    decouple_cmd.cli(["--base", str(base_run), "--init", str(decoupled_run), "--dataset",
+                      "digits", "--epochs", "1", "--batch-size", "128", "--lr", "0.002",
+                      "--out", str(out), "-q"])
+    before = json.loads((decoupled_run / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["init"] == str(decoupled_run)
+    # the run starts from the decoupled network as saved (its test accuracy), not fresh gates
+    assert metrics["init_test_accuracy"] == pytest.approx(before["test_accuracy"])
+    assert (gated_layers(load_checkpoint(out)[0]).keys()
+            == gated_layers(load_checkpoint(decoupled_run)[0]).keys())
+
+
+def test_decouple_init_must_be_a_matching_decoupled_run(decoupled_run, base_run, capsys,
+                                                        tmp_path):
+    err = run_error(decouple_cmd.cli, ["--base", str(base_run), "--init", str(base_run),
+                                       "--out", str(tmp_path / "out"), "-q"], capsys)
+    assert "not decoupled" in err and str(base_run) in err
+    err = run_error(decouple_cmd.cli, ["--base", str(base_run), "--init", str(decoupled_run),
+                                       "--reduction", "2", "--out", str(tmp_path / "out"),
+                                       "-q"], capsys)
+    assert "reduction 4" in err and "reduction 2" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_decouple_missing_base_dir(capsys, tmp_path):
     missing = tmp_path / "no-base"
     err = run_error(decouple_cmd.cli, ["--base", str(missing), "-q"], capsys)
