@@ -10,6 +10,8 @@ For each decoupled checkpoint this measures, on real test images and CPU threads
   only open filters on non-zero input channels;
 - ``gated+path`` / ``sparse+path``: the same through :func:`detector.paths.compute_path` (what a
   detector needs: logits plus the recorded computation path);
+- ``pruned`` (small_cnn only): the dense twin with the filters that never open on the check
+  images removed, i.e. static pruning of the silent filters, the speed gating has to beat;
 
 at batch 1 and batch 32, interleaving the modes and reporting medians over ``--repeats`` runs,
 with latency ratios against ``dense``. It also checks over ``--n-check`` test images, at batch 1
@@ -31,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import statistics
@@ -67,11 +70,13 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 
 def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: int,
-               repeats: int, dense_above: float, clock: str = "wall") -> dict[str, float]:
+               repeats: int, dense_above: float, clock: str = "wall",
+               extra: dict[str, nn.Module] | None = None) -> dict[str, float]:
     """Median time in ms per mode for batches of ``batch`` images cycled from ``images``.
 
     ``clock``: "wall" (latency) or "cpu" (CPU time of this process: robust to other processes
     on a shared machine; equals the latency with one thread and nothing else running here).
+    ``extra``: more networks to time, interleaved with the modes, by name.
     """
     now = CLOCKS[clock]
     n = images.shape[0] // batch
@@ -90,19 +95,71 @@ def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: 
     runs: dict[str, Callable[[torch.Tensor], object]] = {
         "dense": dense, "gated": model, "sparse": sparse,
         "gated+path": lambda x: compute_path(model, x), "sparse+path": sparse_path,
+        **(extra or {}),
     }
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in runs}
     with torch.inference_mode():
-        for m in MODES:  # warm-up
+        for m in runs:  # warm-up
             for x in batches[:3]:
                 runs[m](x)
         for r in range(repeats):  # interleaved so background load hits every mode alike
             x = batches[r % n]
-            for m in MODES:
+            for m in runs:
                 t0 = now()
                 runs[m](x)
                 times[m].append(now() - t0)
     return {m: 1e3 * statistics.median(t) for m, t in times.items()}
+
+
+def open_ever(model: nn.Module, images: torch.Tensor, chunk: int = 256
+              ) -> dict[str, torch.Tensor]:
+    """Gated layer name -> (C,) bool: filter open for at least one of ``images``."""
+    alive: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for i in range(0, images.shape[0], chunk):
+            for name, layer in compute_path(model, images[i:i + chunk]).layers.items():
+                seen = layer.bits.bool().any(dim=0)
+                alive[name] = seen | alive[name] if name in alive else seen
+    return alive
+
+
+def pruned_twin(dense: nn.Module, alive: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The dense twin of a decoupled small_cnn with every filter in ``alive`` that never opened
+    removed (static pruning of the silent filters, the baseline gating must beat); None for
+    other architectures (residual adds and flattening classifiers need more surgery).
+
+    alive: gated layer name -> (C,) bool, filter open for at least one input. High-energy and
+    dynamic filters stay and always run, so the twin's logits differ from the gated network's.
+    """
+    from detector.models import SmallCNN
+
+    if not isinstance(dense, SmallCNN):
+        return None
+    twin = copy.deepcopy(dense)
+    layers, keep_in = twin.features, None
+    for i, conv in enumerate(list(layers)):
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        bn = layers[i + 1]
+        keep = alive.get(f"features.{i}", torch.ones(conv.out_channels, dtype=torch.bool))
+        keep = keep.clone()
+        keep[int(keep.float().argmax())] = True  # at least one filter, so shapes stay valid
+        weight = conv.weight.detach()[keep]
+        weight = weight if keep_in is None else weight[:, keep_in]
+        new_conv = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride,
+                             conv.padding, bias=False)
+        new_bn = nn.BatchNorm2d(weight.shape[0], eps=bn.eps)
+        with torch.no_grad():
+            new_conv.weight.copy_(weight)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new_bn, name).copy_(getattr(bn, name)[keep])
+        layers[i], layers[i + 1], keep_in = new_conv, new_bn, keep
+    fc = twin.classifier
+    twin.classifier = nn.Linear(int(keep_in.sum()), fc.out_features)
+    with torch.no_grad():
+        twin.classifier.weight.copy_(fc.weight[:, keep_in])
+        twin.classifier.bias.copy_(fc.bias)
+    return twin.eval()
 
 
 TIE = 1e-4
@@ -254,11 +311,24 @@ def run_model(label: str, model: nn.Module, spec: ModelSpec, datasets: list[str]
     w(f"\n{label}  ({spec.arch}, input {tuple(spec.input_shape)}, images: {source}, "
       f"threads {torch.get_num_threads()}, {args.clock} clock, median of {args.repeats}, "
       f"dense_above {args.dense_above})\n")
-    w(f"{'batch':>5}  " + "  ".join(f"{m:>11}" for m in MODES) + "   ms; ratio = mode / dense\n")
+    alive = open_ever(model, images[:args.n_check])
+    twin = pruned_twin(dense, alive)
+    extra = {} if twin is None else {"pruned": twin}
+    columns = [*MODES, *extra]
+    w(f"{'batch':>5}  " + "  ".join(f"{m:>11}" for m in columns) + "   ms; ratio = mode / dense\n")
     for b in BATCH_SIZES:
-        ms = time_modes(model, dense, images, b, args.repeats, args.dense_above, args.clock)
-        w(f"{b:>5}  " + "  ".join(f"{ms[m]:>11.3f}" for m in MODES) + "\n")
-        w(f"{'':>5}  " + "  ".join(f"{ms[m] / ms['dense']:>10.2f}x" for m in MODES) + "\n")
+        ms = time_modes(model, dense, images, b, args.repeats, args.dense_above, args.clock,
+                        extra)
+        w(f"{b:>5}  " + "  ".join(f"{ms[m]:>11.3f}" for m in columns) + "\n")
+        w(f"{'':>5}  " + "  ".join(f"{ms[m] / ms['dense']:>10.2f}x" for m in columns) + "\n")
+    if twin is not None:
+        with torch.inference_mode():
+            agree = float((twin(images[:args.n_check]).argmax(1)
+                           == model(images[:args.n_check]).argmax(1)).float().mean())
+        kept = sum(int(a.sum()) for a in alive.values())
+        w(f"pruned: dense twin without the filters never open on the {args.n_check} check images "
+          f"(static pruning; keeps {kept} of {sum(len(a) for a in alive.values())} gated "
+          f"filters, runs them all); its predictions equal the gated network's on {agree:.4f}\n")
     c = check(model, dense, images[:args.n_check], args.dense_above)
     for b in ("b1", "b32"):
         w(f"sparse (every layer sliced) vs gated, batch {b[1:]:>2}: {c[b].line()}\n")
