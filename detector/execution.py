@@ -4,8 +4,11 @@ Sparse execution (:mod:`detector.sparse`) pays only where the convolutions are l
 the fixed cost of slicing and of the gates, which depends on the network, the batch size, the
 CPU and its thread count (``docs/RESULTS.md`` section 4). :func:`plan_execution` measures instead
 of guessing: it runs a caller-given analysis in both modes on random images, interleaved, at
-batch 1 and at a larger batch, and keeps the faster mode for each. Both modes give the same
-predictions and paths up to float rounding, so the choice changes only the latency.
+batch 1 and at a larger batch, and keeps sparse where it is clearly faster (by more than
+``margin``), masked, the reference, otherwise: on the small committed models the two differ by a
+few percent, within the noise, and a coin flip at every start-up would make latency less
+predictable. Both modes give the same predictions and paths up to float rounding, so the choice
+changes only the latency.
 """
 
 from __future__ import annotations
@@ -31,18 +34,33 @@ class ExecutionPlan:
     batched: str
     timings_ms: dict[int, dict[str, float]]
 
+    @classmethod
+    def from_timings(cls, timings_ms: dict[int, dict[str, float]],
+                     margin: float = 0.1) -> ExecutionPlan:
+        """The plan for measured ``{batch size: {"masked": ms, "sparse": ms}}``: per size, sparse
+        if its time is below ``(1 - margin)`` times masked's, else masked; the smallest size
+        decides ``single``, the largest ``batched``."""
+        _check_margin(margin)
+        if not timings_ms:
+            raise ValueError("no timings given")
+
+        def choose(batch: int) -> str:
+            t = timings_ms[batch]
+            return "sparse" if t["sparse"] < (1.0 - margin) * t["masked"] else "masked"
+
+        return cls(choose(min(timings_ms)), choose(max(timings_ms)), timings_ms)
+
     def for_batch(self, n: int) -> str:
         """The mode that runs a batch of ``n`` >= 1 images."""
         return self.single if n == 1 else self.batched
 
     def describe(self) -> str:
-        """One line for logs, e.g. ``batch 1: sparse (0.61 vs 1.02 ms masked); ...``."""
-        parts = []
-        for batch, times in sorted(self.timings_ms.items()):
-            best = min(times, key=times.__getitem__)
-            rest = ", ".join(f"{t:.2f} ms {m}" for m, t in times.items() if m != best)
-            parts.append(f"batch {batch}: {best} ({times[best]:.2f} vs {rest})")
-        return "; ".join(parts)
+        """One line for logs, e.g. ``batch 1: sparse (masked 1.02 ms, sparse 0.61 ms); ...``."""
+        smallest = min(self.timings_ms, default=1)
+        return "; ".join(
+            f"batch {batch}: {self.single if batch == smallest else self.batched} ("
+            + ", ".join(f"{m} {t:.2f} ms" for m, t in times.items()) + ")"
+            for batch, times in sorted(self.timings_ms.items()))
 
 
 def fixed_plan(mode: str) -> ExecutionPlan:
@@ -54,16 +72,18 @@ def fixed_plan(mode: str) -> ExecutionPlan:
 
 def plan_execution(run: Callable[[torch.Tensor, str], object],
                    input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32),
-                   repeats: int = 9, seed: int = 0) -> ExecutionPlan:
+                   repeats: int = 9, seed: int = 0, margin: float = 0.1) -> ExecutionPlan:
     """Time ``run(images, mode)`` for every mode of :data:`~detector.analysis.EXECUTIONS`.
 
     ``input_shape``: (C, H, W); images are uniform in [0, 1] (seeded), ``repeats`` >= 1 timed
     calls per mode and batch size after one untimed warm-up call, modes interleaved; medians of
     wall time on this thread, so set the thread count first. ``batch_sizes``: the smallest
     decides ``single``, the largest ``batched`` (give 1 and the largest batch served).
+    Sparse is chosen where its median is below ``(1 - margin)`` times masked's, margin in [0, 1).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    _check_margin(margin)
     sizes = sorted(set(batch_sizes))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
@@ -81,7 +101,9 @@ def plan_execution(run: Callable[[torch.Tensor, str], object],
                 samples[mode].append(time.perf_counter() - start)
         timings[batch] = {m: 1e3 * statistics.median(s) for m, s in samples.items()}
 
-    def fastest(batch: int) -> str:
-        return min(timings[batch], key=timings[batch].__getitem__)
+    return ExecutionPlan.from_timings(timings, margin)
 
-    return ExecutionPlan(fastest(sizes[0]), fastest(sizes[-1]), timings)
+
+def _check_margin(margin: float) -> None:
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     execution: Literal["auto", "masked", "sparse"] = Field(
         "auto", description="masked: every filter computed, closed ones zeroed; sparse: only "
         "open filters run (pays only for wide layers, see docs/RESULTS.md); auto: time both at "
-        "start-up, at batch 1 and at the largest batch, and use the faster for each")
+        "start-up, at batch 1 and at the largest batch, and use sparse where it is more than 10 % "
+        "faster")
     max_queue: int = Field(256, ge=1, description="images queued or running; beyond it "
                            "requests get 503")
     shutdown_timeout: int = Field(8, ge=1, description="seconds in-flight requests get to "

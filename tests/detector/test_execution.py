@@ -34,7 +34,7 @@ def test_plan_keeps_the_faster_mode_per_batch_size(slow, single, batched):
     # one warm-up and three timed calls per mode and batch size, on images of the given shape
     assert len(calls) == 2 * 2 * 4
     assert {shape for shape, _ in calls} == {(1, 1, 8, 8), (8, 1, 8, 8)}
-    assert f"batch 1: {single}" in plan.describe()
+    assert plan.describe().startswith(f"batch 1: {single} (masked ")
 
 
 def test_plan_on_a_real_network_is_one_of_the_modes():
@@ -57,8 +57,21 @@ def test_plan_on_a_real_network_is_one_of_the_modes():
     assert all(t > 0 for times in plan.timings_ms.values() for t in times.values())
 
 
+def test_plan_keeps_masked_unless_sparse_is_clearly_faster():
+    timings = {1: {"masked": 10.0, "sparse": 9.5}, 32: {"masked": 100.0, "sparse": 80.0}}
+    plan = ExecutionPlan.from_timings(timings)  # margin 0.1: 5 % faster is not enough
+    assert (plan.single, plan.batched) == ("masked", "sparse")
+    assert ExecutionPlan.from_timings(timings, margin=0.0).single == "sparse"
+    assert ExecutionPlan.from_timings(timings, margin=0.25).batched == "masked"
+    assert plan.describe() == ("batch 1: masked (masked 10.00 ms, sparse 9.50 ms); "
+                               "batch 32: sparse (masked 100.00 ms, sparse 80.00 ms)")
+    with pytest.raises(ValueError, match="no timings"):
+        ExecutionPlan.from_timings({})
+
+
 @pytest.mark.parametrize(("kwargs", "named"), [
     ({"repeats": 0}, "repeats"),
+    ({"margin": 1.0}, "margin"),
     ({"batch_sizes": ()}, "batch sizes"),
     ({"batch_sizes": (0, 4)}, "batch sizes"),
 ])
