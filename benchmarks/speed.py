@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # run as ``python benchmarks/speed.py`` from anyw
 
 from detector.checkpoint import ModelSpec, load_checkpoint  # noqa: E402
 from detector.decouple import gated_layers, strip_gates  # noqa: E402
+from detector.models import SmallCNN  # noqa: E402
 from detector.paths import PathResult, compute_path, network_macs  # noqa: E402
 from detector.sparse import DENSE_ABOVE, SparseStats, sparse_execution  # noqa: E402
 from training.data import ImageData, load_dataset, to_float  # noqa: E402
@@ -131,8 +132,6 @@ def pruned_twin(dense: nn.Module, alive: dict[str, torch.Tensor]) -> nn.Module |
     alive: gated layer name -> (C,) bool, filter open for at least one input. High-energy and
     dynamic filters stay and always run, so the twin's logits differ from the gated network's.
     """
-    from detector.models import SmallCNN
-
     if not isinstance(dense, SmallCNN):
         return None
     twin = copy.deepcopy(dense)
@@ -141,8 +140,7 @@ def pruned_twin(dense: nn.Module, alive: dict[str, torch.Tensor]) -> nn.Module |
         if not isinstance(conv, nn.Conv2d):
             continue
         bn = layers[i + 1]
-        keep = alive.get(f"features.{i}", torch.ones(conv.out_channels, dtype=torch.bool))
-        keep = keep.clone()
+        keep = alive.get(f"features.{i}", torch.ones(conv.out_channels, dtype=torch.bool)).clone()
         keep[int(keep.float().argmax())] = True  # at least one filter, so shapes stay valid
         weight = conv.weight.detach()[keep]
         weight = weight if keep_in is None else weight[:, keep_in]

@@ -73,9 +73,14 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     return app
 
 
+def _max_batch(settings: Settings) -> int:
+    """The largest batch one forward pass runs: the micro-batcher's limit, or 1 without it."""
+    return settings.max_batch_size if settings.micro_batch else 1
+
+
 def _batch_sizes(settings: Settings) -> list[int]:
-    """The batch sizes the server runs: 1 and, with micro-batching, the largest."""
-    return sorted({1, settings.max_batch_size if settings.micro_batch else 1})
+    """The batch sizes the server runs: 1 and the largest."""
+    return sorted({1, _max_batch(settings)})
 
 
 async def _plan(bundle: Bundle, executor: Executor, settings: Settings) -> ExecutionPlan:
@@ -127,7 +132,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _warm_up(run, bundle.spec.input_shape, executor, settings)
         batcher = MicroBatcher(
             run, executor,
-            max_batch=settings.max_batch_size if settings.micro_batch else 1,
+            max_batch=_max_batch(settings),
             max_wait_s=settings.batch_wait_ms / 1e3, max_pending=settings.max_queue,
             workers=settings.inference_workers, on_batch=metrics.observe_batch)
         await batcher.start()
