@@ -71,7 +71,7 @@ class _StraightThroughExecutor:
     def __call__(self, layer: GatedConv, x: torch.Tensor, z: torch.Tensor,
                  need_pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, C_in, H, W), z: (B, C_out) hard gates -> masked (B, C_out, H', W'), pooled."""
-        y = layer.bn(layer.conv(x))
+        y = layer.normalized(x)
         logits = layer.control(x)  # the same logits GatedConv computed, recomputed for the graph
         mask = straight_through(z, logits, self.kind)
         out = y * mask[:, :, None, None]

@@ -7,7 +7,10 @@ masks the residual branch before the add in ResNet blocks (downsample convs get 
 
 Pairs are found in two layouts: consecutive ``Conv2d, BatchNorm2d`` in a ``Sequential`` (VGG,
 the small CNN, ResNet downsample branches) and sibling attributes ``convK``/``bnK`` (ResNet
-BasicBlock and Bottleneck). Anything else is refused with the name of the module.
+BasicBlock and Bottleneck, airbench's conv groups). A sibling ``poolK`` between them (airbench:
+conv -> max-pool -> BN) moves into the gated layer too, its slot becoming ``Identity``; a
+per-channel mask after BN commutes with it. Anything else is refused with the name of the
+module.
 """
 
 from __future__ import annotations
@@ -56,11 +59,25 @@ def decouple(model: nn.Module, reduction: int = 4) -> nn.Module:
                 "BatchNorm2d; decouple supports conv-BN pairs in Sequential or convK/bnK blocks"
             )
         bn = getattr(parent, bn_attr)
-        gated = GatedConv(name, conv, bn, reduction)
+        pool_attr = _pool_partner(parent, attr)
+        pool = None if pool_attr is None else getattr(parent, pool_attr)
+        gated = GatedConv(name, conv, bn, reduction, pool=pool)
         gated.bn_slot = bn_attr
+        gated.pool_slot = pool_attr
         setattr(parent, attr, gated)
         setattr(parent, bn_attr, nn.Identity())
+        if pool_attr is not None:
+            setattr(parent, pool_attr, nn.Identity())
     return model
+
+
+def _pool_partner(parent: nn.Module, conv_attr: str) -> str | None:
+    """Attribute name of a pooling layer ``poolK`` run between ``convK`` and ``bnK``, if any."""
+    if isinstance(parent, nn.Sequential) or not conv_attr.startswith("conv"):
+        return None
+    pool_attr = "pool" + conv_attr[4:]
+    pool = getattr(parent, pool_attr, None)
+    return pool_attr if isinstance(pool, nn.MaxPool2d | nn.AvgPool2d) else None
 
 
 def strip_gates(model: nn.Module) -> nn.Module:
@@ -74,6 +91,8 @@ def strip_gates(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, layer.conv)
         setattr(parent, layer.bn_slot, layer.bn)
+        if layer.pool_slot is not None:
+            setattr(parent, layer.pool_slot, layer.pool)
     return model
 
 

@@ -74,7 +74,8 @@ class GateRecord:
 
     gates: (B, C) gate values z in [0, 1] (exactly 0/1 at inference; carries gradient in training).
     logits: (B, C) gate logits G(s) before binarisation.
-    pooled: (B, C) global average of the layer's normalised output before masking.
+    pooled: (B, C) global average of the layer's normalised output before masking, or None
+        when the recorder did not ask for it.
     in_active: (B,) number of input channels that are not identically zero.
     in_channels, out_channels, macs: the layer's dense shape; macs = dense multiply-accumulates
         for one input at the observed spatial size.
@@ -83,7 +84,7 @@ class GateRecord:
 
     gates: torch.Tensor
     logits: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     in_active: torch.Tensor
     in_channels: int
     out_channels: int
@@ -97,6 +98,7 @@ class PathRecorder:
 
     force_open: bool = False
     detach_input: bool = False
+    pooled: bool = True
     records: dict[str, GateRecord] = field(default_factory=dict)
 
 
@@ -104,7 +106,8 @@ _RECORDER: ContextVar[PathRecorder | None] = ContextVar("pathguard_recorder", de
 
 
 @contextmanager
-def recording(force_open: bool = False, detach_input: bool = False) -> Iterator[PathRecorder]:
+def recording(force_open: bool = False, detach_input: bool = False,
+              pooled: bool = True) -> Iterator[PathRecorder]:
     """Record the gates of every forward pass run inside the block (this thread/task only).
 
     ``force_open=True`` opens every gate, which makes a decoupled network compute exactly like
@@ -112,8 +115,11 @@ def recording(force_open: bool = False, detach_input: bool = False) -> Iterator[
     ``detach_input=True`` feeds each control module a detached copy of its layer's input: losses
     on the gates then train the control modules only, not the convolutions before them (the
     values computed are the same).
+    ``pooled=False`` leaves :attr:`GateRecord.pooled` empty (None): it needs every filter's
+    output, closed ones included, which sparse execution can avoid computing only where no pool
+    sits between conv and BN.
     """
-    recorder = PathRecorder(force_open=force_open, detach_input=detach_input)
+    recorder = PathRecorder(force_open=force_open, detach_input=detach_input, pooled=pooled)
     token = _RECORDER.set(recorder)
     try:
         yield recorder
@@ -147,19 +153,43 @@ def conv_executor(executor: ConvExecutor) -> Iterator[None]:
         _EXECUTOR.reset(token)
 
 
-class GatedConv(nn.Module):
-    """conv -> batch norm -> per-filter mask, the mask decided from the conv's input.
+def conv_output_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    """Output size (H', W') of ``conv`` for an (h, w) input."""
+    if conv.padding == "same":
+        return h, w
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv_geometry(conv)
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
-    Replaces a ``(Conv2d, BatchNorm2d)`` pair of the original network; the original modules are
-    kept as ``conv`` and ``bn`` so their trained weights are reused. Closed filters are exactly
-    zero after normalisation, hence also after a following ReLU.
+
+def conv_geometry(conv: nn.Conv2d) -> tuple[tuple[int, ...], ...]:
+    """(kernel, stride, padding, dilation) of ``conv`` as (h, w) pairs; string padding resolved."""
+    k, d = conv.kernel_size, conv.dilation
+    if conv.padding == "valid":
+        p: tuple[int, ...] = (0, 0)
+    elif conv.padding == "same":  # PyTorch pads the odd pixel at the end; stride is 1
+        p = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+    else:
+        p = conv.padding  # type: ignore[assignment]
+    return k, conv.stride, p, d
+
+
+class GatedConv(nn.Module):
+    """conv -> (pool) -> batch norm -> per-filter mask, the mask decided from the conv's input.
+
+    Replaces a ``(Conv2d, BatchNorm2d)`` pair of the original network, with the pooling layer
+    between them where the network has one (airbench's conv -> max-pool -> BN); the original
+    modules are kept as ``conv``, ``pool`` and ``bn`` so their trained weights are reused. Closed
+    filters are exactly zero after normalisation, hence also after a following ReLU or GELU.
     """
 
-    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, reduction: int = 4) -> None:
+    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, reduction: int = 4,
+                 pool: nn.Module | None = None) -> None:
         super().__init__()
         self.name = name
         self.bn_slot = "bn"  # attribute of the parent that held ``bn`` (set by decouple)
+        self.pool_slot: str | None = None  # attribute of the parent that held ``pool``
         self.conv = conv
+        self.pool = pool
         self.bn = bn
         self.control = ControlModule(conv.in_channels, conv.out_channels, reduction)
 
@@ -169,11 +199,17 @@ class GatedConv(nn.Module):
         fc1, fc2 = self.control.fc1, self.control.fc2
         return fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features
 
-    def dense_macs(self, out_hw: tuple[int, int]) -> int:
-        """Multiply-accumulates of the dense conv for one input with output size ``out_hw``."""
+    def dense_macs(self, in_hw: tuple[int, int]) -> int:
+        """Multiply-accumulates of the dense conv for one input of spatial size ``in_hw``."""
         kh, kw = self.conv.kernel_size
         per_pixel = self.conv.in_channels // self.conv.groups * kh * kw * self.conv.out_channels
-        return per_pixel * out_hw[0] * out_hw[1]
+        out_h, out_w = conv_output_size(self.conv, *in_hw)
+        return per_pixel * out_h * out_w
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """bn(pool(conv(x))) of every filter: (B, C_in, H, W) -> (B, C_out, H', W')."""
+        y = self.conv(x)
+        return self.bn(y if self.pool is None else self.pool(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H', W') with closed filters set to 0."""
@@ -184,15 +220,15 @@ class GatedConv(nn.Module):
             z = torch.ones_like(logits)
         else:
             z = improved_semhash(logits, self.training)
+        need_pooled = recorder is not None and recorder.pooled
         execute = _EXECUTOR.get()
         if execute is None:
-            y = self.bn(self.conv(x))  # (B, C_out, H', W')
+            y = self.normalized(x)  # (B, C_out, H', W')
             out = y * z[:, :, None, None]
-            pooled = y.mean(dim=(2, 3)) if recorder is not None else None
+            pooled = y.mean(dim=(2, 3)) if need_pooled else None
         else:
-            out, pooled = execute(self, x, z, recorder is not None)
+            out, pooled = execute(self, x, z, need_pooled)
         if recorder is not None:
-            assert pooled is not None
             recorder.records[self.name] = GateRecord(
                 gates=z,
                 logits=logits,
@@ -200,7 +236,7 @@ class GatedConv(nn.Module):
                 in_active=(x.detach().abs().amax(dim=(2, 3)) > 0).sum(dim=1),
                 in_channels=self.conv.in_channels,
                 out_channels=self.conv.out_channels,
-                macs=self.dense_macs((out.shape[2], out.shape[3])),
+                macs=self.dense_macs((x.shape[2], x.shape[3])),
                 control_macs=self.control_macs,
             )
         return out

@@ -6,6 +6,8 @@ attacks and clients work in pixel space.
 - ``small_cnn``: four conv-BN-ReLU layers for grey digits (8x8 scikit-learn digits, 28x28 MNIST).
 - ``resnet20`` / ``resnet56``: the CIFAR ResNets of He et al., "Deep Residual Learning for Image
   Recognition" (CVPR 2016), with 1x1 conv + BN projection shortcuts where the shape changes.
+- ``airbench``: the fast CIFAR-10 network of Jordan (arXiv 2404.00498), see
+  :mod:`detector.airbench` (``widths`` sets its three group widths).
 - ``resnet18`` / ``resnet50`` / ``vgg11_bn`` / ``vgg16_bn``: torchvision's ImageNet
   architectures (randomly initialised; for ImageFolder data).
 """
@@ -140,7 +142,7 @@ class TorchvisionNet(nn.Module):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TORCHVISION = {"resnet18", "resnet50", "vgg11_bn", "vgg16_bn"}
-MODEL_NAMES = ("small_cnn", "resnet20", "resnet56", *sorted(_TORCHVISION))
+MODEL_NAMES = ("small_cnn", "airbench", "resnet20", "resnet56", *sorted(_TORCHVISION))
 
 
 def create_model(
@@ -148,7 +150,8 @@ def create_model(
 ) -> nn.Module:
     """Build an (undecoupled) classifier by name; see :data:`MODEL_NAMES`.
 
-    ``kwargs`` go to the architecture (``width`` for small_cnn; ``mean``/``std`` for all).
+    ``kwargs`` go to the architecture (``width`` for small_cnn, ``widths`` for airbench;
+    ``mean``/``std`` for all).
     """
     if name == "small_cnn":
         mean = kwargs.pop("mean", (0.5,) * in_channels)
@@ -156,6 +159,10 @@ def create_model(
         return SmallCNN(in_channels, num_classes, mean=mean, std=std, **kwargs)
     if name in ("resnet20", "resnet56"):
         return CifarResNet(int(name[6:]), in_channels, num_classes, **kwargs)
+    if name == "airbench":
+        from detector.airbench import AirbenchNet  # imports this module
+
+        return AirbenchNet(in_channels, num_classes, **kwargs)
     if name in _TORCHVISION:
         mean = kwargs.pop("mean", IMAGENET_MEAN if in_channels == 3 else (0.5,) * in_channels)
         std = kwargs.pop("std", IMAGENET_STD if in_channels == 3 else (0.5,) * in_channels)
@@ -181,4 +188,4 @@ def _replace_stem(net: nn.Module, in_channels: int) -> None:
 
 def min_input_size(name: str) -> int:
     """Smallest square input side the architecture accepts."""
-    return {"small_cnn": 4, "resnet20": 8, "resnet56": 8}.get(name, 32)
+    return {"small_cnn": 4, "resnet20": 8, "resnet56": 8, "airbench": 16}.get(name, 32)

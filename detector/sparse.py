@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.gates import GatedConv, conv_executor
+from detector.gates import GatedConv, conv_executor, conv_geometry, conv_output_size
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -126,25 +126,27 @@ def _sparse_conv_bn(layer: GatedConv, x: torch.Tensor, z: torch.Tensor, need_poo
         raise ValueError(f"sparse execution needs eval mode, but layer {layer.name!r} is in "
                          "training mode; call model.eval() first")
     B, (c_out, c_in) = x.shape[0], conv.weight.shape[:2]
-    if not _sliceable(conv, bn):
-        return _dense_result(stats, conv, bn(conv(x)), z, need_pooled)
-    out_hw = _out_hw(conv, x.shape[2], x.shape[3])
-    pixels = B * out_hw[0] * out_hw[1]
+    conv_hw = conv_output_size(conv, x.shape[2], x.shape[3])
+    pixels = B * conv_hw[0] * conv_hw[1]
+    # the pooled means of every filter have no shortcut through a pool between conv and BN
+    if not _sliceable(conv, bn) or (need_pooled and layer.pool is not None):
+        return _dense_result(stats, layer, x, z, need_pooled, pixels)
     if dense_above * conv.weight.numel() * pixels < SLICE_OVERHEAD_MACS:  # too small to pay
-        return _dense_result(stats, conv, _conv_bn(conv, bn, x), z, need_pooled)
+        return _dense_result(stats, layer, x, z, need_pooled, pixels)
     out_idx = torch.nonzero(z[0] if B == 1 else z.amax(dim=0)).view(-1)  # (n_out,) open
     n_out = len(out_idx)
     # decide on the outputs alone first: finding the zero inputs costs a pass over x
     if _relative_cost(c_in, n_out, conv, pixels, B) > dense_above:
-        return _dense_result(stats, conv, _conv_bn(conv, bn, x), z, need_pooled)
+        return _dense_result(stats, layer, x, z, need_pooled, pixels)
     in_idx = _nonzero_channels(x)  # (n_in,)
     n_in = len(in_idx)
     if _relative_cost(n_in, n_out, conv, pixels, B) > dense_above:
-        return _dense_result(stats, conv, _conv_bn(conv, bn, x), z, need_pooled)
+        return _dense_result(stats, layer, x, z, need_pooled, pixels)
 
     all_out, all_in = n_out == c_out, n_in == c_in
     xs = x if all_in else x.index_select(1, in_idx)  # (B, n_in, H, W)
     if n_out == 0:
+        out_hw = _pooled_size(layer, conv_hw, x)
         out = x.new_zeros(B, c_out, *out_hw)
     else:
         # rows first: gathering whole filters reads only n_out / C_out of the weight
@@ -153,25 +155,40 @@ def _sparse_conv_bn(layer: GatedConv, x: torch.Tensor, z: torch.Tensor, need_poo
             w_sub = w_sub.index_select(1, in_idx)  # (n_out, n_in, kh, kw)
         b_sub = _rows(conv.bias, out_idx, all_out)
         if n_in == 0:  # every input is zero: the conv gives its bias (or 0) everywhere
-            y = x.new_zeros(B, n_out, *out_hw)
+            y = x.new_zeros(B, n_out, *conv_hw)
             if b_sub is not None:
                 y = y + b_sub[:, None, None]
         else:
             y = F.conv2d(xs, w_sub, b_sub, conv.stride, conv.padding, conv.dilation)
+        if layer.pool is not None:
+            y = layer.pool(y)  # per channel, so it commutes with the slicing
         y = _batch_norm(bn, y, out_idx, all_out)  # (B, n_out, H', W')
         if B > 1:  # the union of the batch's open filters ran: mask each input's own
             y = y * z.index_select(1, out_idx)[:, :, None, None]
-        out = y if all_out else x.new_zeros(B, c_out, *out_hw).index_copy_(1, out_idx, y)
+        out = y if all_out else x.new_zeros(B, c_out, *y.shape[2:]).index_copy_(1, out_idx, y)
     stats.sliced_calls += 1
     stats.dense_macs += conv.weight.numel() * pixels
     stats.executed_macs += conv.kernel_size[0] * conv.kernel_size[1] * n_in * n_out * pixels
-    pooled = _pooled(conv, bn, xs, in_idx, all_in, out_hw) if need_pooled else None
+    pooled = _pooled(conv, bn, xs, in_idx, all_in, conv_hw) if need_pooled else None
     return out, pooled
 
 
-def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode bn(conv(x)) without the modules' Python overhead."""
+def _pooled_size(layer: GatedConv, conv_hw: tuple[int, int], x: torch.Tensor) -> tuple[int, int]:
+    """Spatial size of the layer's output for a conv output of size ``conv_hw``."""
+    if layer.pool is None:
+        return conv_hw
+    h, w = layer.pool(x.new_zeros(1, 1, *conv_hw)).shape[2:]
+    return h, w
+
+
+def _normalized(layer: GatedConv, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode bn(pool(conv(x))) of every filter, without the modules' Python overhead."""
+    conv, bn = layer.conv, layer.bn
+    if not _sliceable(conv, bn):
+        return layer.normalized(x)
     y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    if layer.pool is not None:
+        y = layer.pool(y)
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
                         bn.eps)
 
@@ -185,10 +202,12 @@ def _nonzero_channels(x: torch.Tensor) -> torch.Tensor:
     return torch.nonzero((x.amax(dim=dims) != 0) | (x.amin(dim=dims) != 0)).view(-1)
 
 
-def _dense_result(stats: SparseStats, conv: nn.Conv2d, y: torch.Tensor, z: torch.Tensor,
-                  need_pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Masked output and pooled means of a dense conv + BN result y: (B, C_out, H', W')."""
-    macs = conv.weight.numel() * y.shape[0] * y.shape[2] * y.shape[3]
+def _dense_result(stats: SparseStats, layer: GatedConv, x: torch.Tensor, z: torch.Tensor,
+                  need_pooled: bool, pixels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked output and pooled means of the layer run densely; ``pixels``: conv output
+    positions of the whole batch."""
+    y = _normalized(layer, x)  # (B, C_out, H', W')
+    macs = layer.conv.weight.numel() * pixels
     stats.dense_calls += 1
     stats.dense_macs += macs
     stats.executed_macs += macs
@@ -242,26 +261,6 @@ def _batch_norm(bn: nn.BatchNorm2d, y: torch.Tensor, idx: torch.Tensor,
     return F.batch_norm(y, mean, var, weight, bias, False, 0.0, bn.eps)
 
 
-def _conv_geometry(conv: nn.Conv2d) -> tuple[tuple[int, ...], ...]:
-    """(kernel, stride, padding, dilation) as (h, w) pairs; string padding resolved."""
-    k, d = conv.kernel_size, conv.dilation
-    if conv.padding == "valid":
-        p: tuple[int, ...] = (0, 0)
-    elif conv.padding == "same":  # PyTorch pads the odd pixel at the end; stride is 1
-        p = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-    else:
-        p = conv.padding  # type: ignore[assignment]
-    return k, conv.stride, p, d
-
-
-def _out_hw(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
-    """Output size (H', W') of ``conv`` for an (h, w) input."""
-    if conv.padding == "same":
-        return h, w
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(conv)
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
 def _tap_means(conv: nn.Conv2d, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     """m: (B, C, kh, kw), m[b, c, u, v] = mean over output positions of the input pixel that
     kernel tap (u, v) reads (0 in the padding); x: (B, C, H, W).
@@ -269,7 +268,7 @@ def _tap_means(conv: nn.Conv2d, x: torch.Tensor, out_hw: tuple[int, int]) -> tor
     Computed as ``R x S^T / (H' W')`` with R: (kh, H) marking the input rows tap u reads
     (row h = i s + u d - p for an output row i), and S: (kw, W) likewise for columns.
     """
-    k, s, p, d = _conv_geometry(conv)
+    k, s, p, d = conv_geometry(conv)
     sel: list[torch.Tensor] = []
     for i, n in enumerate(x.shape[2:]):
         if i == 1 and (k[1], s[1], p[1], d[1], n, out_hw[1]) == (k[0], s[0], p[0], d[0],

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.recipe import Augmentation
+
 
 @dataclass(frozen=True)
 class ImageData:
@@ -163,28 +165,46 @@ def load_dataset(spec: str, data_dir: Path = Path("data"), download: bool = Fals
     raise ValueError(f"unknown dataset {spec!r}: use {DATASET_HELP}")
 
 
-def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding + horizontal flip; x: (B, C, H, W) float in [0, 1]."""
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
+                      padding: str = "constant", flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop after padding by ``pad`` + horizontal flip; x: (B, C, H, W) float in [0, 1].
+
+    padding: "constant" (zeros) or "reflect". flip: (B,) bool, which images to flip (default:
+    each with probability 1/2).
+    """
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+    padded = F.pad(x, (pad, pad, pad, pad), mode=padding)  # (B, C, H + 2p, W + 2p)
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * pad)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
     out = padded.gather(2, rows).gather(3, cols)  # (B, C, H, W)
-    flip = torch.rand(b, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(b, generator=generator) < 0.5
     out[flip] = out[flip].flip(3)
     return out
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-            augment: bool = False, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images (B, C, H, W) float32 in [0, 1], labels (B,)) from uint8 tensors."""
-    g = torch.Generator().manual_seed(seed)
+            augment: bool | Augmentation = False, seed: int = 0,
+            epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images (B, C, H, W) float32 in [0, 1], labels (B,)) from uint8 tensors.
+
+    ``augment``: True for the default :class:`~training.recipe.Augmentation`, or one of them.
+    Order and crops are drawn from ``seed + epoch``; with ``alternate_flip`` every image's flip
+    state is drawn once from ``seed`` and inverted on odd epochs.
+    """
+    aug = Augmentation() if augment is True else augment or None
+    g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(y), generator=g) if shuffle else torch.arange(len(y))
+    flips = None
+    if aug is not None and aug.alternate_flip:
+        flips = (torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < 0.5)
+        flips ^= bool(epoch % 2)
     for i in range(0, len(y), batch_size):
         idx = order[i:i + batch_size]
         xb = to_float(x[idx])
-        if augment:
-            xb = augment_crop_flip(xb, g)
+        if aug is not None:
+            xb = augment_crop_flip(xb, g, aug.translate, aug.padding,
+                                   None if flips is None else flips[idx])
         yield xb, y[idx]

@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detector.airbench import AirbenchNet, init_whitening
 from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from detector.paths import network_macs
 from training.cli import (
@@ -29,11 +32,16 @@ from training.cli import (
     preset_for,
     run_command,
 )
-from training.data import ImageData
+from training.data import ImageData, to_float
 from training.engine import evaluate, fit
+from training.recipe import RECIPES
 from training.report import write_json
 
 log = logging.getLogger("training.train")
+
+WHITENING_IMAGES = 5000  # training images whose 2x2 patches set airbench's whitening conv
+WHITEN_BIAS_EPOCHS = 3  # airbench's whitening bias trains for this many epochs, then freezes
+BN_BIAS_LR_MULT = 64.0  # airbench's BN biases learn this much faster than the weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=positive(int), default=None,
                    help="filters of small_cnn's first layers (the last two have twice as many; "
                         "default: 32)")
+    g.add_argument("--widths", type=positive(int), nargs=3, default=None, metavar="W",
+                   help="airbench's three group widths (default: 64 256 256)")
     g.add_argument("--init", type=Path, default=None, metavar="RUN",
                    help="start from the weights of this base run directory instead of a random "
                         "initialisation (the learning-rate schedule starts afresh)")
@@ -54,9 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=positive(int), help="mini-batch size")
     g.add_argument("--lr", type=positive(float),
                    help="peak learning rate of the one-cycle schedule")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="SGD weight decay (default: the preset's: 5e-4, airbench's 1.33e-3)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="optimisation recipe: one_cycle (momentum 0.9, one-cycle lr) or "
+                        "airbench (Jordan 2024: momentum 0.85, warm-up + linear decay, label "
+                        "smoothing 0.2, lookahead EMA, alternating flips, channels_last; "
+                        "default: the preset's, airbench for CIFAR-10)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop + flip (default: on for colour data sets)")
+                   help="the recipe's translation + flip augmentation (default: on for colour "
+                        "data sets)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<dataset>/base)")
     add_runtime_args(p)
@@ -69,11 +86,16 @@ def main(args: argparse.Namespace) -> None:
     init, init_spec = _load_init(args.init, data) if args.init else (None, None)
     arch = args.arch or (init_spec.arch if init_spec else preset.arch)
     check_arch(arch, data)
-    arch_kwargs = dict(init_spec.arch_kwargs) if init_spec else {}
+    arch_kwargs = dict(init_spec.arch_kwargs if init_spec else
+                       preset.arch_kwargs if arch == preset.arch else {})
     if args.width is not None:
         if arch != "small_cnn":
             raise ValueError(f"--width applies to small_cnn only, not to --arch {arch!r}")
         arch_kwargs["width"] = args.width
+    if args.widths is not None:
+        if arch != "airbench":
+            raise ValueError(f"--widths applies to airbench only, not to --arch {arch!r}")
+        arch_kwargs["widths"] = list(args.widths)
     spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes,
                      arch_kwargs=arch_kwargs)
     if init_spec is not None and (spec.arch, spec.arch_kwargs) != (init_spec.arch,
@@ -84,25 +106,33 @@ def main(args: argparse.Namespace) -> None:
     config = {
         "command": "train", "dataset": args.dataset, "data_name": data.name, "arch": arch,
         "epochs": args.epochs or preset.epochs, "batch_size": args.batch_size or preset.batch_size,
-        "lr": args.lr or preset.lr, "weight_decay": args.weight_decay,
+        "lr": args.lr or preset.lr,
+        "weight_decay": preset.weight_decay if args.weight_decay is None else args.weight_decay,
+        "recipe": args.recipe or preset.recipe,
         "augment": preset.augment if args.augment is None else args.augment, "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
     }
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
-    model = (init if init is not None else spec.build()).to(args.device)
+    model = init if init is not None else spec.build()
+    if isinstance(model, AirbenchNet) and init is None:
+        init_whitening(model, to_float(data.x_train[:WHITENING_IMAGES]))
+    model = model.to(args.device)
+    recipe = RECIPES[config["recipe"]]
     log.info("training %s on %s: %d train / %d test images", arch, data.name,
              len(data.y_train), len(data.y_test))
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"total": F.cross_entropy(model(xb), yb)}
+        return {"total": F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)}
 
     start = time.perf_counter()
-    history = fit(model, data.x_train, data.y_train, step, model.parameters(),
+    history = fit(model, data.x_train, data.y_train, step,
+                  parameter_groups(model, config["weight_decay"]),
                   epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=config["weight_decay"], augment=config["augment"],
-                  seed=args.seed, desc=f"train {arch}", precision=args.precision)
+                  seed=args.seed, desc=f"train {arch}", precision=args.precision,
+                  recipe=recipe, before_epoch=_whiten_bias_schedule(model))
     seconds = time.perf_counter() - start
     model.cpu()
     test = evaluate(model, data.x_test, data.y_test)
@@ -118,6 +148,32 @@ def main(args: argparse.Namespace) -> None:
     write_json(out / "metrics.json", metrics)
     print(f"{arch} on {data.name}: test accuracy {test['accuracy']:.4f} "  # noqa: T201
           f"after {config['epochs']} epochs in {seconds:.0f}s -> {out}")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """SGD parameter groups: airbench's BN biases learn at 64x the rate (with 1/64 the weight
+    decay, so the per-step decay is unchanged); every other network has one group."""
+    if not isinstance(model, AirbenchNet):
+        return [{"params": list(model.parameters())}]
+    bn_bias = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in bn_bias]},
+        {"params": [p for p in model.parameters() if id(p) in bn_bias],
+         "lr_mult": BN_BIAS_LR_MULT, "weight_decay": weight_decay / BN_BIAS_LR_MULT},
+    ]
+
+
+def _whiten_bias_schedule(model: nn.Module) -> Callable[[int], None] | None:
+    """airbench trains its whitening bias for the first epochs only, then freezes it."""
+    if not isinstance(model, AirbenchNet):
+        return None
+
+    def before_epoch(epoch: int) -> None:
+        model.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
+        if epoch >= WHITEN_BIAS_EPOCHS:
+            model.whiten.bias.grad = None
+
+    return before_epoch
 
 
 def _load_init(run: Path, data: ImageData) -> tuple[nn.Module, ModelSpec]:

@@ -168,7 +168,7 @@ def test_straight_through_gradient_reaches_control_module():
 def test_gated_conv_dense_macs():
     conv = nn.Conv2d(6, 4, (3, 1), groups=2, bias=False)
     layer = GatedConv("c", conv, nn.BatchNorm2d(4))
-    assert layer.dense_macs((5, 7)) == 3 * 3 * 1 * 4 * 5 * 7
+    assert layer.dense_macs((7, 7)) == 3 * 3 * 1 * 4 * 5 * 7  # output 5x7 from a 7x7 input
 
 
 # --- recording() -----------------------------------------------------------------------------

@@ -91,6 +91,7 @@ def test_flops_fraction_counts_closed_filters(gated):
                for n, m in gated_layers(gated).items()}
     for name, layer in dense.layers.items():  # all open: dense work plus the control module
         assert layer.dense_macs == gated_layers(gated)[name].dense_macs(
+            # input sizes
             {"features.3": (8, 8), "features.7": (4, 4), "features.10": (4, 4)}[name])
         assert torch.all(layer.executed_macs <= layer.dense_macs + control[name])
     first = dense.layers["features.3"]  # its input is the stem output: every channel live
