@@ -102,7 +102,7 @@ KINDS = (
     Kind("infer_wrong_shape", False, 1.0, 400, "invalid_tensor"),
     Kind("infer_out_of_range", False, 1.0, 400, "invalid_tensor"),
     Kind("infer_unknown_model", False, 1.0, 404, "unknown_model"),
-    Kind("infer_not_json", False, 1.0, 422, "validation_error"),
+    Kind("infer_not_json", False, 1.0, 400, "bad_request"),
     Kind("unknown_route", False, 1.0, 404, "not_found"),
 )
 

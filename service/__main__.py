@@ -5,6 +5,10 @@ directory (see :class:`service.config.Settings`, or ``python -m service --help``
 is checked before the server starts; without a usable one the command exits with status 2 and
 says how to build one.
 
+Slow and idle clients: request heads have ``header_timeout`` seconds (:mod:`service.protocol`),
+bodies ``body_timeout`` (:mod:`service.limits`), idle keep-alive connections
+``keep_alive_timeout``; beyond ``max_connections`` a new connection gets 503 and is closed.
+
 SIGTERM (and Ctrl+C) shut down gracefully: uvicorn stops accepting connections, in-flight
 requests finish (at most ``shutdown_timeout`` seconds), the micro-batcher drains, and the
 command exits with status 0.
@@ -30,6 +34,7 @@ from uvicorn.config import LOGGING_CONFIG
 from detector.bundle import BundleError, load_bundle
 from service.app import create_app
 from service.config import ENV_PREFIX, Settings, bundle_help
+from service.protocol import protocol_factory
 
 log = logging.getLogger("service")
 
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
               "access_log": settings.access_log, "log_config": _log_config(settings.log_level),
-              "timeout_graceful_shutdown": settings.shutdown_timeout}
+              "timeout_graceful_shutdown": settings.shutdown_timeout,
+              "timeout_keep_alive": settings.keep_alive_timeout,
+              "http": protocol_factory(settings.header_timeout, settings.max_connections)}
     with _sigterm_after_shutdown_is_clean():
         if settings.workers == 1:
             uvicorn.run(create_app(settings, bundle), **common)

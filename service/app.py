@@ -22,7 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import anyio
 import torch
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from PIL import Image
 
 from detector.analysis import Analysis
@@ -31,11 +32,15 @@ from detector.execution import ExecutionPlan, fixed_plan, plan_execution
 from service.batching import MicroBatcher
 from service.config import Settings, bundle_help
 from service.deps import ServiceState
-from service.errors import BodyLimit, install_error_handlers
+from service.errors import install_error_handlers
 from service.imaging import decode_image
+from service.limits import BodyLimits
 from service.metrics import Metrics, RequestMetricsMiddleware
+from service.oip_routes import health, v2, v2_keyed
+from service.openapi import install_schemas
 from service.results import ModelCard
-from service.routes import router
+from service.routes import images, metrics_router
+from service.schemas import InferRequest
 
 log = logging.getLogger("service")
 
@@ -60,17 +65,34 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     """
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
+    # No redirects: Starlette's trailing-slash redirect builds its URL from the Host header.
     app = FastAPI(title="pathguard", description=DESCRIPTION, version=_package_version(),
-                  lifespan=_lifespan)
+                  lifespan=_lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
     app.state.preloaded = bundle
     install_error_handlers(app)
-    app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    routers = (images, health, v2, v2_keyed, metrics_router)
+    for router in routers:
+        app.include_router(router)
+    _answer_head(app, routers)
+    install_schemas(app, InferRequest)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
+
+
+def _answer_head(app: FastAPI, routers: tuple[APIRouter, ...]) -> None:
+    """HEAD on every GET route of ``routers``, as HTTP requires (the server drops the body),
+    left out of the OpenAPI schema."""
+    for route in (r for router in routers for r in router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            app.router.add_api_route(
+                route.path, route.endpoint, methods=["HEAD"], include_in_schema=False,
+                response_class=route.response_class, dependencies=route.dependencies,
+                route_class_override=type(route))
 
 
 def _max_batch(settings: Settings) -> int:

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
                                   "finish after SIGTERM before they are cancelled (below "
                                   "Docker's default 10 s stop grace period)")
 
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection has to send "
+                                  "a request's complete headers (from connecting, or from the "
+                                  "previous response); then it is closed with 408")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request has to send its "
+                                "whole body once its headers are in; then 408 and the "
+                                "connection is closed")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive "
+                                      "connection stays open between requests")
+    max_connections: int = Field(512, ge=1, description="open connections per server "
+                                 "process; a connection beyond it gets 503 and is closed")
+
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; "
                                 "beyond it 413")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image "

@@ -1,12 +1,13 @@
 """Service state on ``app.state`` and the typed dependencies routes use to reach it.
 
 Dependencies are ``async def`` although they do not await: FastAPI runs plain ``def``
-dependencies in a worker thread, a hop per dependency per request.
+dependencies in a worker thread, a hop per dependency per request. The key dependencies
+declare the API key for the OpenAPI schema; protected routes have already checked it before
+their body was read (:mod:`service.auth`), and check it again here.
 """
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -16,13 +17,12 @@ from fastapi.security import APIKeyHeader
 
 from detector.bundle import Bundle
 from detector.execution import ExecutionPlan
+from service.auth import API_KEY_HEADER, check_key
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.results import ModelCard
-
-API_KEY_HEADER = "X-API-Key"
 
 
 @dataclass
@@ -58,15 +58,6 @@ _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
 ApiKey = Annotated[str | None, Security(_api_key)]
 
 
-def _check_key(settings: Settings, key: str | None) -> None:
-    if settings.api_key is None:
-        return
-    expected = settings.api_key.get_secret_value().encode()
-    if key is None or not hmac.compare_digest(key.encode(), expected):
-        raise ApiError(401, "unauthorized", f"missing or wrong API key; send it in the "
-                       f"{API_KEY_HEADER} header", headers={"WWW-Authenticate": API_KEY_HEADER})
-
-
 async def get_service(request: Request) -> ServiceState:
     """The loaded service; 503 while the model is not ready. No API key needed."""
     return _service(request)
@@ -79,13 +70,13 @@ async def get_model(request: Request, name: str) -> ServiceState:
 
 async def get_authorized_service(request: Request, key: ApiKey) -> ServiceState:
     """As :func:`get_service`, after a 401 unless the API key is off or matches."""
-    _check_key(request.app.state.settings, key)
+    check_key(request.app.state.settings, key)
     return _service(request)
 
 
 async def get_authorized_model(request: Request, name: str, key: ApiKey) -> ServiceState:
     """As :func:`get_model`, after a 401 unless the API key is off or matches."""
-    _check_key(request.app.state.settings, key)
+    check_key(request.app.state.settings, key)
     return _model(_service(request), name)
 
 
@@ -93,7 +84,7 @@ async def get_metrics_authorized(request: Request, key: ApiKey) -> Metrics:
     """The metrics; 401 if ``metrics_require_key`` is set and the key does not match."""
     settings: Settings = request.app.state.settings
     if settings.metrics_require_key:
-        _check_key(settings, key)
+        check_key(settings, key)
     return request.app.state.metrics
 
 

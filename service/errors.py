@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +54,23 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = getattr(exc, "code", None) or _status_code_name(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    if not isinstance(exc, ApiError):
-        if exc.status_code == 400 and exc.__cause__ is not None:
-            message = f"{message}: {exc.__cause__}"  # e.g. malformed multipart
+    if not isinstance(exc, ApiError):  # the framework's own (never with exception text)
+        if exc.status_code == 400:
+            code = "bad_request"
+            message = f"the request body is malformed: {message}"  # e.g. multipart parsing
         elif exc.status_code == 404:
-            message = f"no such endpoint: {request.method} {request.url.path}"
+            message = _not_found(request.method, request.url.path)
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method {request.method[:20]} is not allowed here; use {allowed}"
     return JSONResponse(error_body(message, code), status_code=exc.status_code,
                         headers=exc.headers)
+
+
+def _not_found(method: str, path: str) -> str:
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    hint = "; paths have no trailing slash" if path.endswith("/") and path != "/" else ""
+    return f"no such endpoint: {method[:20]} {shown}{hint}"
 
 
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
@@ -100,61 +109,6 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body("internal server error; see the server log", "internal"),
                         status_code=500)
-
-
-class BodyLimit:
-    """ASGI middleware: JSON 413 for request bodies over ``max_bytes``.
-
-    A declared ``Content-Length`` over the limit is refused before any of the body is read;
-    a streamed body is cut off as soon as it passes the limit. (FastAPI's own
-    ``max_body_size`` answers in plain text, hence this.)
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _error(self, size: str) -> ApiError:
-        return ApiError(413, "content_too_large", f"the request body ({size}) is larger than "
-                        f"the limit of {self.max_bytes} bytes", headers={"Connection": "close"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_error(self._error(f"{int(declared)} bytes"), scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._error(f"over {received} bytes")
-            return message
-
-        async def watch_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, watch_send)
-        except ApiError as e:  # raised in limited_receive outside a route's error handling
-            if started or e.status_code != 413:
-                raise
-            await _send_error(e, scope, receive, send)
-
-
-async def _send_error(exc: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
-    response = JSONResponse(error_body(str(exc.detail), exc.code), status_code=exc.status_code,
-                            headers=exc.headers)
-    await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

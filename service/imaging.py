@@ -1,8 +1,10 @@
 """Image bytes -> the model's input array: a pure function that raises a typed error.
 
-Only PNG, JPEG, WebP and BMP are parsed (Pillow is told which plugins it may use). The image
-size is checked against a limit straight after the header is read and before any pixel is
-decoded; Pillow's own decompression-bomb guard stays on as well.
+Only PNG, JPEG, WebP and BMP are parsed (Pillow is told which plugins it may use), and each
+upload is opened once. Before any pixel is decoded, what decoding will cost is bounded from the
+bytes themselves (:mod:`service.budget`: chunk, segment and scan counts, aspect ratio, PNG rows
+present) and the image size is checked against a limit straight after the header is read;
+Pillow's own decompression-bomb guard stays on as well.
 
 Conversion to the model's input:
 
@@ -14,7 +16,9 @@ Conversion to the model's input:
 - only the first frame of an animated image is used (APNG, animated WebP, MPO: a JPEG with
   more frames, reported as JPEG); EXIF orientation is ignored (pixels are used as stored);
 - resized to the model's H x W with Pillow's bilinear filter (which averages over the source
-  pixels when shrinking) only if the size differs;
+  pixels when shrinking) only if the size differs; large reductions first average blocks of
+  pixels, and JPEGs at least twice the model's size are decoded at 1/2 to 1/8 scale by
+  libjpeg (never below the model's size), so time and memory follow the pixels decoded;
 - values / 255 -> float32 in [0, 1], (C, H, W).
 
 Resizing, colour conversion and lossy formats (JPEG, lossy WebP) change pixel values, and with
@@ -32,6 +36,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from service import budget
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
@@ -51,6 +57,7 @@ class DecodeErrorKind(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     CORRUPT = "corrupt_image"
     TOO_LARGE = "image_too_large"
+    TOO_COMPLEX = "image_too_complex"
 
 
 class ImageDecodeError(ValueError):
@@ -84,8 +91,14 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int], max_pixel
                  background: Literal["black", "white"] = "black") -> DecodedImage:
     """Decode ``data`` to the model's input of ``channels`` (1 or 3) and ``size`` (H, W).
 
-    Raises :class:`ImageDecodeError` for empty, unknown, disallowed, corrupt or truncated
-    data and for images over ``max_pixels`` (width x height) or Pillow's bomb limit.
+    The bytes are opened once. Before any pixel is decoded, the cost is bounded
+    (:mod:`service.budget`: PNG chunks, JPEG segments and scans, aspect ratio) and the header's
+    size checked against ``max_pixels`` (width x height) and Pillow's bomb limit; a PNG's pixel
+    data must hold every row. JPEGs larger than the model's input are decoded at a reduced
+    scale (libjpeg's DCT scaling, 1/2 to 1/8, never below the model's size).
+
+    Raises :class:`ImageDecodeError` for empty, unknown, disallowed, corrupt, truncated,
+    too large or too costly data.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -93,30 +106,55 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int], max_pixel
         raise ImageDecodeError(DecodeErrorKind.EMPTY, "the upload is empty (0 bytes)")
     limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(
         max_pixels, int(Image.MAX_IMAGE_PIXELS))
+    h, w = size
     try:
+        png = budget.png_layout(data)
+        budget.check_jpeg(data)
         with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as im:
             fmt, mode, (width, height) = _format(im), im.mode, im.size
             if width * height > limit:
                 raise ImageDecodeError(
                     DecodeErrorKind.TOO_LARGE, f"image is {width}x{height} = "
                     f"{width * height} pixels, over the limit of {limit} pixels")
+            budget.check_aspect_ratio(width, height)
+            if png is not None and fmt == "PNG":
+                budget.check_png_rows(png)
+            if fmt == "JPEG" and width >= 2 * w and height >= 2 * h:
+                im.draft(None, (w, h))  # DCT scaling: decode at 1/2, 1/4 or 1/8
             im.load()
-            array, converted = _to_model(im, channels, size, background)
+            array, converted = _to_model(im, mode, channels, size, background)
             if fmt == "PNG" and _png_bit_depth(data) == 16 and not mode.startswith("I"):
                 mode, converted = f"{mode};16", True  # Pillow keeps 8 of the 16 bits
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(DecodeErrorKind.TOO_LARGE,
-                               f"image refused as a possible decompression bomb ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(DecodeErrorKind.TOO_LARGE, f"image refused as a possible "
+                               f"decompression bomb: its header claims more than {limit} "
+                               f"pixels") from None
+    except budget.TooComplexError as e:
+        raise ImageDecodeError(DecodeErrorKind.TOO_COMPLEX,
+                               f"image refused as too costly to decode: {e}") from None
+    except budget.TruncatedError as e:
+        raise ImageDecodeError(DecodeErrorKind.CORRUPT,
+                               f"the image data is truncated or corrupt: {e}") from None
     except UnidentifiedImageError:
         raise _unidentified(data) from None
     except ImageDecodeError:
         raise
     except _DECODE_ERRORS as e:
-        raise ImageDecodeError(DecodeErrorKind.CORRUPT,
-                               f"the image data is truncated or corrupt ({e})") from None
+        raise ImageDecodeError(DecodeErrorKind.CORRUPT, _why_corrupt(e)) from None
     return DecodedImage(array=array, format=fmt, width=width, height=height, mode=mode,
                         resized=(height, width) != tuple(size), converted=converted,
                         lossy=fmt == "JPEG" or (fmt == "WEBP" and _webp_is_lossy(data)))
+
+
+def _why_corrupt(error: Exception) -> str:
+    """A message for a decoder's error, in our words (never the exception's own text)."""
+    text = str(error)
+    if "decompressed data too large" in text.lower():
+        return ("the image data is corrupt: a compressed text or colour-profile chunk is too "
+                "large when inflated (over 1 MB)")
+    if "truncated" in text:
+        return "the image data is truncated: it ends before the image is complete"
+    return "the image data is truncated or corrupt; it could not be decoded"
 
 
 def _format(im: Image.Image) -> str:
@@ -129,19 +167,12 @@ def _png_bit_depth(data: bytes) -> int:
     return data[24] if len(data) > 24 else 8
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of an allowed format, or None if it is not readable
-    (no pixel is decoded; :func:`decode_image` then says what is wrong)."""
-    try:
-        with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as im:
-            return im.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, *_DECODE_ERRORS):
-        return None
-
-
-def _to_model(im: Image.Image, channels: int, size: tuple[int, int],
+def _to_model(im: Image.Image, mode: str, channels: int, size: tuple[int, int],
               background: str) -> tuple[np.ndarray, bool]:
-    """Loaded image -> ((C, H, W) float32 in [0, 1], whether the pixels were converted)."""
+    """Loaded image -> ((C, H, W) float32 in [0, 1], whether the pixels were converted).
+
+    mode: the file's own mode (a JPEG decoded at a reduced scale keeps it).
+    """
     target = "L" if channels == 1 else "RGB"
     h, w = size
     if im.mode == "I" or im.mode.startswith("I;16"):
@@ -149,12 +180,12 @@ def _to_model(im: Image.Image, channels: int, size: tuple[int, int],
         grey = np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
         fim = Image.fromarray(grey, mode="F")
         if fim.size != (w, h):
-            fim = fim.resize((w, h), Image.Resampling.BILINEAR)
+            fim = _resize(fim, w, h)
         arr = np.array(fim, dtype=np.float32)[None]  # (1, H, W), a writable copy
         if channels == 3:
             arr = np.repeat(arr, 3, axis=0)
         return np.ascontiguousarray(arr), True
-    converted = im.mode != target
+    converted = mode != target
     if _has_alpha(im):
         rgba = im.convert("RGBA")
         fill = (0, 0, 0, 255) if background == "black" else (255, 255, 255, 255)
@@ -163,10 +194,16 @@ def _to_model(im: Image.Image, channels: int, size: tuple[int, int],
     if im.mode != target:
         im = im.convert(target)
     if im.size != (w, h):
-        im = im.resize((w, h), Image.Resampling.BILINEAR)
+        im = _resize(im, w, h)
     arr = np.asarray(im, dtype=np.float32) / np.float32(255.0)  # (H, W) or (H, W, 3)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr), converted
+
+
+def _resize(im: Image.Image, w: int, h: int) -> Image.Image:
+    """Bilinear resize to w x h. Large reductions first average blocks of pixels (Pillow's
+    ``reducing_gap``), so memory and time stay proportional to the source image."""
+    return im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def _has_alpha(im: Image.Image) -> bool:

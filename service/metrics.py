@@ -3,7 +3,9 @@
 Exposed at ``GET /metrics`` (names below carry the ``pathguard_`` prefix):
 
 - ``http_requests_total{route, method, status}`` and
-  ``http_request_duration_seconds{route, method, status}``: every request, by route template;
+  ``http_request_duration_seconds{route, method, status}``: every request, by route template
+  (``unmatched`` for unknown paths) and method (``other`` for non-standard ones), so the label
+  values form a closed set whatever clients send;
 - ``inference_duration_seconds``: one forward pass with the detector (a micro-batch);
 - ``inference_batch_size``: images per forward pass;
 - ``verdicts_total{verdict}``: images judged ``clean`` or ``adversarial``;
@@ -31,6 +33,8 @@ from detector.analysis import Analysis
 NAMESPACE = "pathguard"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Methods counted under their own name; any other is counted as ``other``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -79,6 +83,16 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def request_labels(scope: Scope, status: int) -> tuple[str, str, str]:
+    """(route, method, status) labels from a closed set: the route's template or
+    ``unmatched``, a standard method or ``other``, the status code. Client-chosen paths and
+    method names never become label values (each would be a new series)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None) or "unmatched"
+    method = scope["method"] if scope["method"] in METHODS else "other"
+    return template, method, str(status)
+
+
 class RequestMetricsMiddleware:
     """ASGI middleware counting and timing every HTTP request by route template."""
 
@@ -102,8 +116,6 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            labels = (template, scope["method"], str(status))
+            labels = request_labels(scope, status)
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -191,16 +191,18 @@ class InferResponse(BaseModel):
 
 #: What each error status means, for the OpenAPI ``responses`` (codes as in docs/SERVICE.md).
 ERROR_DESCRIPTIONS = {
-    400: "empty upload, truncated or corrupt image, too many files, invalid tensor or "
-         "malformed multipart body (codes empty, corrupt_image, too_many_files, "
-         "invalid_tensor, bad_request)",
+    400: "empty upload, truncated or corrupt image, too many files, invalid tensor, or a body "
+         "that cannot be parsed: malformed or cut-short multipart, invalid JSON (codes empty, "
+         "corrupt_image, too_many_files, invalid_tensor, bad_request)",
     401: "API key missing or wrong (code unauthorized)",
     404: "another model name (code unknown_model)",
-    413: "request body over max_body_bytes, or image over max_image_pixels or Pillow's "
-         "decompression-bomb limit (codes content_too_large, image_too_large)",
+    408: "the request body did not arrive within body_timeout (code request_timeout)",
+    413: "request body over max_body_bytes or over what the model can use, image over "
+         "max_image_pixels or Pillow's decompression-bomb limit, or too costly to decode "
+         "(codes content_too_large, image_too_large, image_too_complex)",
     415: "not an image, or an image format other than PNG, JPEG, WebP, BMP (codes "
          "not_an_image, unsupported_format)",
-    422: "missing or invalid field, query value or JSON body (code validation_error)",
+    422: "a well-formed body or query with missing or invalid fields (code validation_error)",
     503: "queue full, or the model not loaded yet (codes overloaded, not_ready)",
 }
 

@@ -131,13 +131,15 @@ def test_infer_malformed_body(client, body):
 
 def test_infer_without_json_content_type(client, pixels):
     r = client.post("/v2/models/digits/infer", content=json.dumps(tensor(pixels)))
-    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"]
+    assert r.status_code == 400 and r.json()["code"] == "bad_request"
+    assert "Content-Type: application/json" in r.json()["error"]
 
 
 def test_infer_not_json(client):
     r = client.post("/v2/models/digits/infer", content=b"{not json",
                     headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    assert r.status_code == 400 and r.json()["code"] == "bad_request"
+    assert "not valid JSON at line 1, column 2" in r.json()["error"]
 
 
 def test_openapi_shows_the_models(client):

@@ -1,0 +1,121 @@
+"""The HTTP/1.1 connection: uvicorn's h11 protocol plus a header deadline and a connection cap.
+
+uvicorn (0.54) closes a keep-alive connection that stays silent ``timeout_keep_alive``
+seconds after a response, but nothing else: a connection that never sends a byte, or sends
+its headers one byte a second, is held for ever, and ``limit_concurrency`` answers 503 to
+new *requests* while the silent connections it counts stay open. :class:`GuardedH11Protocol`
+adds two rules:
+
+- **header deadline**: a connection must deliver a complete request head within
+  ``header_timeout`` seconds of connecting or of its previous response; otherwise it gets
+  ``408`` (JSON ``request_timeout``) and is closed. This also ends a client that keeps
+  trickling a body the app already answered without reading it (an early 401 or 413);
+- **connection cap**: beyond ``max_connections`` open connections, a new one gets ``503``
+  (JSON ``overloaded``, ``Retry-After: 1``) at once and is closed.
+
+The body's own deadline is the app's (:mod:`service.limits`). :func:`protocol_factory` gives
+uvicorn's ``http`` setting. Both rules are per server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from functools import partial
+from http import HTTPStatus
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+from uvicorn.server import ServerState
+
+from service.errors import error_body
+
+#: Seconds a refused connection is kept reading (and dropping) before it is closed.
+LINGER_S = 1.0
+
+
+def raw_response(status: int, code: str, message: str, headers: dict[str, str] | None = None
+                 ) -> bytes:
+    """A complete HTTP/1.1 response with the JSON error body, closing the connection (written
+    to the socket directly, outside a request cycle)."""
+    body = json.dumps(error_body(message, code)).encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
+             f"content-length: {len(body)}", "connection: close",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's H11Protocol with a deadline for request heads and a cap on connections."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None, *, header_timeout: float,
+                 max_connections: int) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_of: RequestResponseCycle | None = None  # the cycle before the awaited head
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self._refuse(raw_response(
+                503, "overloaded", f"the server has {self.max_connections} connections open, "
+                "its limit; retry shortly", {"retry-after": "1"}))
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # after a refusal, what the client still sends is dropped
+            super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._head_timer is not None and self.cycle is not self._head_of:
+            self._disarm()  # a request head arrived: its body has the app's deadline
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before uvicorn starts a pipelined request, which disarms it
+        super().on_response_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_of = self.cycle
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is not self._head_of or self.transport.is_closing():
+            return
+        self._refuse(raw_response(
+            408, "request_timeout", f"no complete request head within "
+            f"{self.header_timeout:g} s; send the request at once"))
+
+    def _refuse(self, response: bytes) -> None:
+        """Send ``response``, stop sending, and close a moment later: a client still sending
+        its request then reads the response rather than a connection reset."""
+        if self.transport.is_closing():
+            return
+        self._refused = True
+        self.transport.write(response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def protocol_factory(header_timeout: float, max_connections: int) -> Any:
+    """uvicorn's ``http`` setting: :class:`GuardedH11Protocol` with these limits."""
+    return partial(GuardedH11Protocol, header_timeout=header_timeout,
+                   max_connections=max_connections)
