@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from benchmarks import abusive_inputs as abusive
+from benchmarks.abuse import measure
 from benchmarks.harness import Server, serving
 from service import routes
 from service.app import create_app
@@ -27,7 +28,7 @@ from service.imaging import Image
 
 KEY = "abuse-key"
 AUTH = {"X-API-Key": KEY}
-MAX_CONNECTIONS = 16
+MAX_CONNECTIONS = 64
 SERVER_ENV = {"PATHGUARD_API_KEY": KEY, "PATHGUARD_HEADER_TIMEOUT": "1",
               "PATHGUARD_BODY_TIMEOUT": "1", "PATHGUARD_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
               "PATHGUARD_EXECUTION": "masked"}
@@ -314,3 +315,33 @@ def test_head_on_get_routes(http):
     for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics"):
         r = http.head(path)
         assert r.status_code == 200 and r.content == b"", path
+
+
+# --- the abuse benchmark -------------------------------------------------------------------
+
+#: The answers each abusive class of benchmarks/abuse.py may get (``closed``: the server
+#: ended the connection, e.g. while an unauthenticated client was still sending its body).
+ALLOWED = {
+    "amplification": {"400", "413"}, "decode_bombs": {"400", "413"}, "chunk_png": {"413"},
+    "auth": {"401", "closed"}, "metrics": {"200", "405"}, "redirect": {"404"},
+    "errors": {"200", "400"}, "slow_silent": {"408", "closed", "held"},
+    "slow_headers": {"408", "closed", "held"}, "slow_body": {"408", "closed", "held"},
+}
+
+
+def test_abuse_benchmark_refuses_every_class(server):
+    """benchmarks/abuse.py, briefly: every abusive class gets its 4xx (or is cut off), no
+    5xx, no failed valid request (latency and memory ratios need the full run)."""
+    result = measure(server, KEY, rate=10.0, duration_s=1.5, warmup_s=0.5, slow=1,
+                     pause_s=0.1)
+    assert result["baseline"]["requests"] == result["abuse"]["requests"] == 15
+    checks = result["checks"]
+    assert checks["no 5xx"] and checks["no failed valid request"] and checks["server alive"]
+    seen: dict[str, set[str]] = {}
+    for key in result["abusive_answers"]:
+        name, answer = key.split(":", 1)
+        seen.setdefault(name, set()).add(answer)
+    assert set(seen) == set(ALLOWED)
+    for name, answers in seen.items():
+        assert answers <= ALLOWED[name], (name, answers)
+    assert {"400", "413"} <= seen["decode_bombs"] and "401" in seen["auth"]
