@@ -72,7 +72,7 @@ def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     with torch.inference_mode(), (sparse_execution() if execution == "sparse"
                                   else contextlib.nullcontext()):
-        result = compute_path(model, images)
+        result = compute_path(model, images, pooled=False)
     paths = PathBatch.from_result(result)
     stats = profile.layer_stats(paths, paths.logits.argmax(1))
     scores = detector.predict_proba(profile.transform(paths, stats))[:, 1]

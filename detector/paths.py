@@ -20,7 +20,8 @@ class LayerPath:
 
     bits: (B, C) float32 in {0, 1}, 1 = filter open.
     logits: (B, C) gate logits G(s); bits = 1(logits > 0) at inference.
-    pooled: (B, C) global average of the layer's normalised output before masking.
+    pooled: (B, C) global average of the layer's normalised output before masking (None when
+        the path was computed with ``pooled=False``).
     dense_macs: multiply-accumulates of the dense conv for one input.
     executed_macs: (B,) multiply-accumulates when only open filters on non-zero inputs run,
         plus the control module's own cost.
@@ -28,7 +29,7 @@ class LayerPath:
 
     bits: torch.Tensor
     logits: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     dense_macs: int
     executed_macs: torch.Tensor
 
@@ -68,14 +69,17 @@ class PathResult:
 
 
 def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False,
-                 detach_gate_input: bool = False) -> PathResult:
+                 detach_gate_input: bool = False, pooled: bool = True) -> PathResult:
     """Run ``model`` once on x: (B, C, H, W) in [0, 1] and return logits and path.
 
     Gradients flow if the caller enables them; the model's mode (train/eval) is respected.
     ``detach_gate_input=True`` stops gradients from the gates into the layers before them
-    (training only; see :func:`detector.gates.recording`).
+    (training only; see :func:`detector.gates.recording`). ``pooled=False`` skips
+    :attr:`LayerPath.pooled` (the decoupling loss needs it, detection does not), which lets sparse
+    execution skip closed filters of layers with a pool between conv and BN.
     """
-    with recording(force_open=force_open, detach_input=detach_gate_input) as rec:
+    with recording(force_open=force_open, detach_input=detach_gate_input,
+                   pooled=pooled) as rec:
         logits = model(x)
     layers = {}
     for name, r in rec.records.items():

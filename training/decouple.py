@@ -36,6 +36,7 @@ from training.cli import (
 )
 from training.engine import collect_paths, evaluate, fit
 from training.losses import DecouplingLoss, LossWeights
+from training.recipe import RECIPES, parameter_groups, whiten_bias_schedule
 from training.report import plot_filter_states, write_json
 
 log = logging.getLogger("training.decouple")
@@ -62,16 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive(int), help="fine-tuning epochs")
     g.add_argument("--batch-size", type=positive(int), help="mini-batch size")
     g.add_argument("--lr", type=positive(float), help="peak learning rate (one-cycle)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="SGD weight decay (default: 1e-4, or the preset's for the airbench "
+                        "recipe)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="optimisation recipe, as for training.train (default: the preset's, "
+                        "airbench for CIFAR-10)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop + flip (default: on for colour data sets)")
+                   help="the recipe's translation + flip augmentation (default: on for colour "
+                        "data sets)")
     g.add_argument("--reduction", type=positive(int), default=4,
                    help="bottleneck factor of the gates' FC1, C_in -> C_in/r "
                         "(default: %(default)s)")
-    g.add_argument("--gate-lr-mult", type=positive(float), default=10.0,
+    g.add_argument("--gate-lr-mult", type=positive(float), default=None,
                    help="peak learning rate of the new gates (and MI heads) relative to --lr; "
                         "they start from scratch while the conv weights are fine-tuned "
-                        "(default: %(default)s)")
+                        "(default: the preset's: 10, 1 for CIFAR-10)")
     w = p.add_argument_group("loss weights")
     d = DEFAULT_WEIGHTS
     w.add_argument("--lambda-k", type=float, default=d.kl,
@@ -123,8 +130,13 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--base {base_dir} expects images {base_spec.input_shape}, dataset "
                          f"{args.dataset!r} has {data.input_shape}")
     out = args.out or Path("runs") / data.name / "decoupled"
+    recipe_name = args.recipe or preset.recipe
+    recipe = RECIPES[recipe_name]
+    weight_decay = args.weight_decay if args.weight_decay is not None else (
+        preset.weight_decay if recipe_name == "airbench" else 1e-4)
+    gate_lr_mult = args.gate_lr_mult or preset.gate_lr_mult
     weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, target,
-                          args.kl_detach, distill, args.temperature)
+                          args.kl_detach, distill, args.temperature, recipe.label_smoothing)
     init = _load_init(args.init, base_spec, args.reduction) if args.init else None
     config = {
         "command": "decouple", "base": str(base_dir),
@@ -132,9 +144,10 @@ def main(args: argparse.Namespace) -> None:
         "data_name": data.name, "arch": base_spec.arch,
         "epochs": args.epochs or preset.decouple_epochs,
         "batch_size": args.batch_size or preset.batch_size,
-        "lr": args.lr or preset.decouple_lr, "weight_decay": args.weight_decay,
+        "lr": args.lr or preset.decouple_lr, "weight_decay": weight_decay,
+        "recipe": recipe_name,
         "augment": preset.augment if args.augment is None else args.augment,
-        "reduction": args.reduction, "gate_lr_mult": args.gate_lr_mult,
+        "reduction": args.reduction, "gate_lr_mult": gate_lr_mult,
         "loss_weights": asdict(weights), "isolate_gates": isolate,
         "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
@@ -161,16 +174,16 @@ def main(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     gate_params = [p for m in layers.values() for p in m.control.parameters()]
-    gate_ids = {id(p) for p in gate_params}
     groups = [
-        {"params": [p for p in model.parameters() if id(p) not in gate_ids]},
-        {"params": [*gate_params, *loss_fn.parameters()], "lr_mult": args.gate_lr_mult},
+        *parameter_groups(model, weight_decay, exclude=gate_params),
+        {"params": [*gate_params, *loss_fn.parameters()], "lr_mult": gate_lr_mult},
     ]
     history = fit(model, data.x_train, data.y_train, step, groups, epochs=config["epochs"],
                   batch_size=config["batch_size"], lr=config["lr"],
-                  weight_decay=config["weight_decay"], augment=config["augment"],
+                  weight_decay=weight_decay, augment=config["augment"],
                   seed=args.seed, desc=f"decouple {base_spec.arch}",
-                  precision=args.precision)
+                  precision=args.precision, recipe=recipe,
+                  before_epoch=whiten_bias_schedule(model, 0))  # the stem stays as trained
     seconds = time.perf_counter() - start
     model.cpu()
     spec = replace(base_spec, decoupled=True, reduction=args.reduction)

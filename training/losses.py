@@ -59,7 +59,7 @@ def sparsity_loss(gates: torch.Tensor, target: float = 0.0) -> torch.Tensor:
 class LossWeights:
     """lambda_k (KL), lambda_m (MI), lambda_s (sparsity), target (active-channel ratio);
     distill = alpha in [0, 1], the share of the cross-entropy term given to matching a teacher's
-    softened outputs at ``temperature``."""
+    softened outputs at ``temperature``; label_smoothing in [0, 1) of the cross-entropy."""
 
     kl: float = 1.0
     mi: float = 0.01
@@ -68,6 +68,7 @@ class LossWeights:
     kl_detach: bool = False  # KL moves only the gates, not the conv features
     distill: float = 0.0
     temperature: float = 4.0
+    label_smoothing: float = 0.0  # of the cross-entropy term
 
 
 class DecouplingLoss(nn.Module):
@@ -96,7 +97,7 @@ class DecouplingLoss(nn.Module):
             kl = kl + kl_alignment_loss(layer.pooled, layer.bits, self.weights.kl_detach)
             mi = mi + mutual_information_loss(layer.bits, head, y)
             sparse = sparse + sparsity_loss(layer.bits, self.weights.target)
-        ce = F.cross_entropy(path.logits, y)
+        ce = F.cross_entropy(path.logits, y, label_smoothing=self.weights.label_smoothing)
         w = self.weights
         terms = {"ce": ce, "kl": kl, "mi": mi, "sparse": sparse}
         task = ce

@@ -15,10 +15,17 @@ Two recipes exist:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from detector.airbench import AirbenchNet
+
+BN_BIAS_LR_MULT = 64.0
+"""airbench's BN biases learn this much faster than the weights (with 1/64 the weight decay)."""
 
 
 @dataclass(frozen=True)
@@ -107,3 +114,36 @@ class Lookahead:
             if k in self.ema:
                 self.ema[k].lerp_(v, 1 - decay)
                 v.copy_(self.ema[k])
+
+
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     exclude: Collection[nn.Parameter] = ()) -> list[dict[str, Any]]:
+    """SGD parameter groups of ``model`` without ``exclude`` (e.g. gates trained separately).
+
+    airbench's BN biases learn at :data:`BN_BIAS_LR_MULT` times the rate with as much less weight
+    decay (the per-step decay is unchanged); every other network has one group.
+    """
+    skip = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    if not isinstance(model, AirbenchNet):
+        return [{"params": params}]
+    bn_bias = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    return [
+        {"params": [p for p in params if id(p) not in bn_bias]},
+        {"params": [p for p in params if id(p) in bn_bias],
+         "lr_mult": BN_BIAS_LR_MULT, "weight_decay": weight_decay / BN_BIAS_LR_MULT},
+    ]
+
+
+def whiten_bias_schedule(model: nn.Module, epochs: int) -> Callable[[int], None] | None:
+    """A ``before_epoch`` hook: airbench's whitening bias trains for the first ``epochs`` epochs,
+    then freezes (None for other networks)."""
+    if not isinstance(model, AirbenchNet):
+        return None
+
+    def before_epoch(epoch: int) -> None:
+        model.whiten.bias.requires_grad_(epoch < epochs)
+        if epoch >= epochs:
+            model.whiten.bias.grad = None
+
+    return before_epoch

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +32,13 @@ from training.cli import (
 )
 from training.data import ImageData, to_float
 from training.engine import evaluate, fit
-from training.recipe import RECIPES
+from training.recipe import RECIPES, parameter_groups, whiten_bias_schedule
 from training.report import write_json
 
 log = logging.getLogger("training.train")
 
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches set airbench's whitening conv
 WHITEN_BIAS_EPOCHS = 3  # airbench's whitening bias trains for this many epochs, then freezes
-BN_BIAS_LR_MULT = 64.0  # airbench's BN biases learn this much faster than the weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +129,8 @@ def main(args: argparse.Namespace) -> None:
                   epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=config["weight_decay"], augment=config["augment"],
                   seed=args.seed, desc=f"train {arch}", precision=args.precision,
-                  recipe=recipe, before_epoch=_whiten_bias_schedule(model))
+                  recipe=recipe,
+                  before_epoch=whiten_bias_schedule(model, WHITEN_BIAS_EPOCHS))
     seconds = time.perf_counter() - start
     model.cpu()
     test = evaluate(model, data.x_test, data.y_test)
@@ -148,32 +146,6 @@ def main(args: argparse.Namespace) -> None:
     write_json(out / "metrics.json", metrics)
     print(f"{arch} on {data.name}: test accuracy {test['accuracy']:.4f} "  # noqa: T201
           f"after {config['epochs']} epochs in {seconds:.0f}s -> {out}")
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """SGD parameter groups: airbench's BN biases learn at 64x the rate (with 1/64 the weight
-    decay, so the per-step decay is unchanged); every other network has one group."""
-    if not isinstance(model, AirbenchNet):
-        return [{"params": list(model.parameters())}]
-    bn_bias = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
-    return [
-        {"params": [p for p in model.parameters() if id(p) not in bn_bias]},
-        {"params": [p for p in model.parameters() if id(p) in bn_bias],
-         "lr_mult": BN_BIAS_LR_MULT, "weight_decay": weight_decay / BN_BIAS_LR_MULT},
-    ]
-
-
-def _whiten_bias_schedule(model: nn.Module) -> Callable[[int], None] | None:
-    """airbench trains its whitening bias for the first epochs only, then freezes it."""
-    if not isinstance(model, AirbenchNet):
-        return None
-
-    def before_epoch(epoch: int) -> None:
-        model.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
-        if epoch >= WHITEN_BIAS_EPOCHS:
-            model.whiten.bias.grad = None
-
-    return before_epoch
 
 
 def _load_init(run: Path, data: ImageData) -> tuple[nn.Module, ModelSpec]:

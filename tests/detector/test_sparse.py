@@ -50,19 +50,22 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def assert_same_path(model: nn.Module, x: torch.Tensor, dense_above: float = ALWAYS,
-                     force_open: bool = False) -> SparseStats:
+                     force_open: bool = False, pooled: bool = True) -> SparseStats:
     """compute_path with and without sparse execution agree; returns the sparse stats."""
     with torch.no_grad():
-        ref = compute_path(model, x, force_open=force_open)
+        ref = compute_path(model, x, force_open=force_open, pooled=pooled)
         with sparse_execution(dense_above) as stats:
-            got = compute_path(model, x, force_open=force_open)
+            got = compute_path(model, x, force_open=force_open, pooled=pooled)
     close(got.logits, ref.logits)
     assert list(got.layers) == list(ref.layers)
     assert torch.equal(got.bits(), ref.bits())
     for name, r in ref.layers.items():
         g = got.layers[name]
         close(g.logits, r.logits)
-        close(g.pooled, r.pooled)
+        if pooled:
+            close(g.pooled, r.pooled)
+        else:
+            assert g.pooled is None and r.pooled is None
         assert g.dense_macs == r.dense_macs
         torch.testing.assert_close(g.executed_macs, r.executed_macs)
     assert stats.sliced_calls + stats.dense_calls == len(ref.layers)
@@ -121,6 +124,23 @@ def test_all_open_and_all_closed_layers(arch, shape, batch):
         path = compute_path(model, x)
     assert bool(path.layers[layers[0]].bits.eq(1).all())
     assert bool(path.layers[layers[1]].bits.eq(0).all())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_airbench_pool_layers_slice_unless_pooled_means_are_asked(batch):
+    """airbench's conv1 layers pool between conv and BN: sliced exactly in serving mode
+    (no pooled means); the means of every filter need the dense conv there."""
+    torch.manual_seed(3)
+    model = randomised(build("airbench", (3, 32, 32), widths=[8, 16, 16]))
+    x = torch.rand(batch, 3, 32, 32)
+    stats = assert_same_path(model, x, pooled=False)
+    assert (stats.sliced_calls, stats.dense_calls) == (6, 0)
+    assert 0.0 < stats.executed_fraction < 1.0
+    stats = assert_same_path(model, x)
+    assert (stats.sliced_calls, stats.dense_calls) == (3, 3)
+    assert_same_path(model, x, dense_above=0.9, pooled=False)
+    with torch.no_grad():
+        close(sparse_forward(model, x), model(x))
 
 
 def test_batch_one_work_matches_path_accounting():
