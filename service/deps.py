@@ -48,7 +48,8 @@ def _service(request: Request) -> ServiceState:
 
 def _model(service: ServiceState, name: str) -> ServiceState:
     if name != service.card.name:
-        raise ApiError(404, "unknown_model", f"unknown model {name!r}; this server serves "
+        shown = name if len(name) <= 60 else name[:60] + "..."
+        raise ApiError(404, "unknown_model", f"unknown model {shown!r}; this server serves "
                        f"{service.card.name!r}")
     return service
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,20 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+import service
 from detector.bundle import MANIFEST
 from service.app import create_app
+from service.bodies import BodyError
 from service.config import Settings
+from service.routes import DECODE_STATUS
 
 API_KEY = "fuzz-key"
 #: Every error code docs/SERVICE.md lists (its error table), and nothing else.
 DOCUMENTED_CODES = frozenset({
     "empty", "corrupt_image", "too_many_files", "invalid_tensor", "bad_request",
-    "unauthorized", "unknown_model", "not_found", "method_not_allowed", "content_too_large",
-    "image_too_large", "not_an_image", "unsupported_format", "validation_error", "overloaded",
-    "not_ready",
+    "unauthorized", "unknown_model", "not_found", "method_not_allowed", "request_timeout",
+    "content_too_large", "image_too_large", "image_too_complex", "not_an_image",
+    "unsupported_format", "validation_error", "internal", "overloaded", "not_ready",
 })
 #: Small limits, as in conftest's shared app, so that fuzzed requests can reach them.
 LIMITS = {"max_files": 4, "max_queue": 64, "max_image_pixels": 10_000, "max_body_bytes": 200_000}
@@ -154,11 +158,31 @@ def test_every_operation_conforms_to_its_schema(case: schemathesis.Case,
     case.call_and_validate(headers={"X-API-Key": API_KEY}, checks=CHECKS)
 
 
-def test_documented_codes_match_service_md() -> None:
-    """The fuzz check's list of codes is the table in docs/SERVICE.md, so neither drifts."""
+def error_table() -> dict[str, int]:
+    """The error table of docs/SERVICE.md: code -> status."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "SERVICE.md").read_text()
     table = text.split("### Errors", 1)[1].split("## Settings", 1)[0]
-    documented = {part.strip("` ") for line in table.splitlines()
-                  if line.startswith("| ") and line[2:5].isdigit()
-                  for part in line.split("|")[2].split(",")}
-    assert documented == DOCUMENTED_CODES
+    return {part.strip("` "): int(line[2:5]) for line in table.splitlines()
+            if line.startswith("| ") and line[2:5].isdigit()
+            for part in line.split("|")[2].split(",")}
+
+
+def test_documented_codes_match_service_md() -> None:
+    """The fuzz check's list of codes is the table in docs/SERVICE.md, so neither drifts."""
+    assert set(error_table()) == DOCUMENTED_CODES
+
+
+def test_every_code_the_service_raises_is_documented_with_one_status() -> None:
+    """Every (status, code) the service's source can answer with (literal ApiError and raw
+    responses, decode errors, body errors, the framework's own) is in the table, with the
+    table's status: one taxonomy, used everywhere."""
+    source = "\n".join(p.read_text() for p in sorted(Path(service.__file__).parent.glob("*.py")))
+    pairs = {(int(s), c) for s, c in re.findall(
+        r'(?:ApiError|raw_response)\(\s*(\d{3}),\s*"(\w+)"', source)}
+    pairs |= {(status, str(kind)) for kind, status in DECODE_STATUS.items()}
+    pairs |= {(400, BodyError("x").code), (400, BodyError("x", "too_many_files").code)}
+    pairs |= {(404, "not_found"), (405, "method_not_allowed"), (422, "validation_error"),
+              (500, "internal")}  # service/errors.py: the framework's errors
+    assert len(pairs) >= 18
+    table = error_table()
+    assert {code: table.get(code) for _, code in pairs} == {code: status for status, code in pairs}
