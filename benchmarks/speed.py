@@ -91,11 +91,11 @@ def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: 
 
     def sparse_path(x: torch.Tensor) -> object:
         with sparse_execution(dense_above):
-            return compute_path(model, x)
+            return compute_path(model, x, pooled=False)
 
     runs: dict[str, Callable[[torch.Tensor], object]] = {
         "dense": dense, "gated": model, "sparse": sparse,
-        "gated+path": lambda x: compute_path(model, x), "sparse+path": sparse_path,
+        "gated+path": lambda x: compute_path(model, x, pooled=False), "sparse+path": sparse_path,
         **(extra or {}),
     }
     times: dict[str, list[float]] = {m: [] for m in runs}
@@ -118,7 +118,8 @@ def open_ever(model: nn.Module, images: torch.Tensor, chunk: int = 256
     alive: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for i in range(0, images.shape[0], chunk):
-            for name, layer in compute_path(model, images[i:i + chunk]).layers.items():
+            path = compute_path(model, images[i:i + chunk], pooled=False)
+            for name, layer in path.layers.items():
                 seen = layer.bits.bool().any(dim=0)
                 alive[name] = seen | alive[name] if name in alive else seen
     return alive
@@ -226,23 +227,23 @@ def check(model: nn.Module, dense: nn.Module, images: torch.Tensor,
     with torch.inference_mode():
         for i in range(images.shape[0]):
             x = images[i:i + 1]
-            ref = compute_path(model, x)
+            ref = compute_path(model, x, pooled=False)
             with sparse_execution(math.inf) as st:  # every layer sliced: each input's own path
-                out["b1"].add(ref, compute_path(model, x))
+                out["b1"].add(ref, compute_path(model, x, pooled=False))
             _accumulate(ideal, st)
             with sparse_execution(dense_above) as st:
                 model(x)
             _accumulate(stats1, st)
         for i in range(0, images.shape[0], 32):
             x = images[i:i + 32]
-            ref = compute_path(model, x)
+            ref = compute_path(model, x, pooled=False)
             with sparse_execution(math.inf):  # union of the batch's paths, every layer sliced
-                out["b32"].add(ref, compute_path(model, x))
+                out["b32"].add(ref, compute_path(model, x, pooled=False))
             with sparse_execution(dense_above) as st:
                 model(x)
             _accumulate(stats32, st)
-        gated = compute_path(model, images)
-        opened = compute_path(model, images, force_open=True)
+        gated = compute_path(model, images, pooled=False)
+        opened = compute_path(model, images, force_open=True, pooled=False)
         dense_logits = dense(images)
     out["dense_vs_open_diff"] = float((dense_logits - opened.logits).abs().max())
     out["dense_agrees"] = float((dense_logits.argmax(1) == gated.logits.argmax(1)).float().mean())

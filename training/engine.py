@@ -140,7 +140,7 @@ def collect_paths(model: nn.Module, x: torch.Tensor, network_macs: int,
     bits: dict[str, list[np.ndarray]] = {}
     flops: list[np.ndarray] = []
     for xb, _ in batches(x, y, batch_size):
-        path = compute_path(model, xb)
+        path = compute_path(model, xb, pooled=False)
         for name, layer in path.layers.items():
             bits.setdefault(name, []).append(layer.bits.bool().numpy())
         flops.append(path.flops_fraction(network_macs).numpy())

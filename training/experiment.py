@@ -31,7 +31,7 @@ def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> P
     """Paths of x: (N, C, H, W) in [0, 1], in eval mode, without gradients."""
     model.eval()
     with torch.inference_mode():
-        parts = [PathBatch.from_result(compute_path(model, x[i:i + batch_size]))
+        parts = [PathBatch.from_result(compute_path(model, x[i:i + batch_size], pooled=False))
                  for i in range(0, len(x), batch_size)]
     return PathBatch.concat(parts)
 
