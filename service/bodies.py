@@ -4,7 +4,8 @@
   read (at most ``max_body_bytes``, see :mod:`service.limits`) and checked on its bytes before
   Starlette parses it: it must end with its closing boundary (a body cut short used to be
   parsed into fewer parts and reported as a missing field), and hold at most ``max_files``
-  parts plus a few form fields (each part costs a spooled file).
+  parts plus a few form fields (each part costs a spooled file). Bodies over
+  :data:`INLINE_FORM_BYTES` are parsed in the decode pool, not on the event loop.
 - **JSON** (:func:`parse_json`): at most :data:`MAX_JSON_CONTAINERS` objects and arrays,
   counted on the raw bytes (braces inside strings count too), so the work of parsing grows
   with the numbers and strings a request holds, not with structure an attacker chooses
@@ -16,12 +17,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncGenerator
 from typing import TypeVar
 
+import anyio
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.auth import KeyedRoute
 from service.config import Settings
@@ -31,6 +37,9 @@ from service.errors import ApiError
 MAX_JSON_CONTAINERS = 64
 #: Form fields a multipart body may hold besides its files.
 EXTRA_FORM_PARTS = 4
+#: Multipart bodies up to this size are parsed on the event loop (microseconds); larger ones
+#: in the decode pool (python-multipart takes ~10 ms per MB, more for some contents).
+INLINE_FORM_BYTES = 64 * 1024
 
 M = TypeVar("M", bound=BaseModel)
 _POSITION = re.compile(r"line (\d+) column (\d+)")
@@ -124,3 +133,25 @@ class MultipartRoute(KeyedRoute):
             check_multipart(body, content_type, settings.max_files + EXTRA_FORM_PARTS)
         except BodyError as e:
             raise ApiError(400, e.code, str(e)) from None
+        service = request.app.state.service
+        if len(body) <= INLINE_FORM_BYTES or service is None:
+            return  # parsed by FastAPI on the event loop: microseconds
+        try:
+            form = await anyio.to_thread.run_sync(parse_form, body, content_type,
+                                                  limiter=service.decode_limiter)
+        except MultiPartException as e:
+            raise ApiError(400, "bad_request", f"the request body is malformed: "
+                           f"{e.message}") from None
+        request._form = form  # Starlette's cache of the parsed form, which FastAPI then reads
+
+
+def parse_form(body: bytes, content_type: str) -> FormData:
+    """Starlette's multipart parser over ``body``, in an event loop of its own: call it in a
+    worker thread, so that parsing megabytes does not hold up the server's loop."""
+    async def stream() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    async def parse() -> FormData:
+        return await MultiPartParser(Headers({"content-type": content_type}), stream()).parse()
+
+    return asyncio.run(parse())
