@@ -78,3 +78,19 @@ def test_lifespan_sets_threads_and_state(make_settings):
         assert state.ready and state.batcher.max_batch == 1
         assert client.get("/v2/health/ready").status_code == 200
     assert app.state.service is None
+
+
+def test_every_setting_is_in_the_service_md_table():
+    """Each setting has a row in docs/SERVICE.md's settings table, with its default."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "SERVICE.md").read_text()
+    table = text.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = {cell.strip("` ") for line in table.splitlines() if line.startswith("| `")
+            for cell in line.split("|")[1].split("/")}
+    missing = [name for name in Settings.model_fields
+               if f"PATHGUARD_{name.upper()}" not in rows]
+    assert not missing
+    s = Settings()
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "max_connections"):
+        default = getattr(s, name)
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        assert f"`PATHGUARD_{name.upper()}` | {shown} |" in table, name
