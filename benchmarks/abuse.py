@@ -32,6 +32,7 @@ import json
 import logging
 import multiprocessing
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,9 +150,38 @@ def _rss_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} for process {pid}")
 
 
-def _reset_peak(pid: int) -> None:
-    """Reset the kernel's peak-RSS mark of ``pid`` to its current RSS."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
+def _reset_peak(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark of ``pid`` to its current RSS; False if not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class _PeakSampler:
+    """The largest RSS of a process, sampled every 20 ms in a thread (a fallback for when
+    the kernel's mark cannot be reset)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_kb = max(self.peak_kb, _rss_kb(self.pid, "VmRSS"))
+
+    def start(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        """Stop sampling; the peak in KiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb
 
 
 def _model(server: Server, key: str) -> tuple[str, tuple[int, int, int]]:
@@ -181,7 +211,8 @@ def measure(server: Server, key: str, rate: float, duration_s: float, warmup_s: 
     log.info("%s: model %s %s, warm-up %g s", server.url, model, shape, warmup_s)
     asyncio.run(_traffic(server.url, key, model, shape, rate, warmup_s, pngs))
     rss_warm = _rss_kb(server.pid, "VmRSS")
-    _reset_peak(server.pid)
+    exact_peak = _reset_peak(server.pid)
+    sampler = _PeakSampler(server.pid).start()
     log.info("baseline: %g requests/s for %g s", rate, duration_s)
     baseline = asyncio.run(_traffic(server.url, key, model, shape, rate, duration_s, pngs))
     host, port = server.url.removeprefix("http://").split(":")
@@ -201,7 +232,8 @@ def measure(server: Server, key: str, rate: float, duration_s: float, warmup_s: 
         process.join(timeout=30)
         if process.is_alive():
             process.kill()
-    rss_peak = _rss_kb(server.pid, "VmHWM")
+    sampled_peak = sampler.stop()
+    rss_peak = _rss_kb(server.pid, "VmHWM") if exact_peak else sampled_peak
     abuse.abusive_5xx = sum(n for k, n in answers.items() if k.rsplit(":", 1)[1][:1] == "5")
     checks = {
         "no 5xx": baseline.server_errors + abuse.server_errors + abuse.abusive_5xx == 0,
