@@ -127,8 +127,8 @@ async def classify_batch(
                        f"per request")
     decoded = await decode_uploads(service, files, named=True)
     decode_s = time.perf_counter() - start
-    images_ = torch.from_numpy(np.stack([d.array for d in decoded]))  # (N, C, H, W)
-    result = await analyze(service, images_)
+    batch = torch.from_numpy(np.stack([d.array for d in decoded]))  # (N, C, H, W)
+    result = await analyze(service, batch)
     card = service.card
     k = min(top_k, len(card.labels))
     results = [image_result(card, result.analysis, i, d, f.filename, top_k=k, layers=layers)
