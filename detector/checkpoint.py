@@ -28,7 +28,8 @@ class ModelSpec:
     arch: a name from :data:`detector.models.MODEL_NAMES`.
     input_shape: (C, H, W) the network expects; pixel values in [0, 1].
     classes: class names, index i is class i.
-    decoupled: whether the network carries gates (``reduction`` is their FC1 bottleneck factor).
+    decoupled: whether the network carries gates (``reduction`` is their FC1 bottleneck factor,
+        ``gate_input_norm`` whether their pooled input is standardised).
     """
 
     arch: str
@@ -36,6 +37,7 @@ class ModelSpec:
     classes: tuple[str, ...]
     decoupled: bool = False
     reduction: int = 4
+    gate_input_norm: bool = False
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -46,7 +48,9 @@ class ModelSpec:
         """A freshly initialised network of this spec (gated if ``decoupled``)."""
         model = create_model(self.arch, in_channels=self.input_shape[0],
                              num_classes=self.num_classes, **self.arch_kwargs)
-        return decouple(model, self.reduction) if self.decoupled else model
+        if not self.decoupled:
+            return model
+        return decouple(model, self.reduction, self.gate_input_norm)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +64,7 @@ class ModelSpec:
                 classes=tuple(str(c) for c in data["classes"]),
                 decoupled=bool(data.get("decoupled", False)),
                 reduction=int(data.get("reduction", 4)),
+                gate_input_norm=bool(data.get("gate_input_norm", False)),
                 arch_kwargs=dict(data.get("arch_kwargs", {})),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -37,8 +37,12 @@ def _bn_partner(parent: nn.Module, conv_attr: str) -> str | None:
     return None
 
 
-def decouple(model: nn.Module, reduction: int = 4) -> nn.Module:
+def decouple(model: nn.Module, reduction: int = 4,
+             normalize_gate_input: bool = False) -> nn.Module:
     """Return a gated copy of ``model`` (the argument is left untouched).
+
+    ``reduction`` is the control modules' bottleneck factor; ``normalize_gate_input``
+    standardises their pooled input (see :class:`~detector.gates.ControlModule`).
 
     Raises ValueError naming the module if a conv has no BatchNorm2d partner, if the model has
     no conv beyond its stem, or if it is already decoupled.
@@ -61,7 +65,8 @@ def decouple(model: nn.Module, reduction: int = 4) -> nn.Module:
         bn = getattr(parent, bn_attr)
         pool_attr = _pool_partner(parent, attr)
         pool = None if pool_attr is None else getattr(parent, pool_attr)
-        gated = GatedConv(name, conv, bn, reduction, pool=pool)
+        gated = GatedConv(name, conv, bn, reduction, pool=pool,
+                          normalize_gate_input=normalize_gate_input)
         gated.bn_slot = bn_attr
         gated.pool_slot = pool_attr
         setattr(parent, attr, gated)

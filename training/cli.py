@@ -36,6 +36,7 @@ class Preset:
     weight_decay: float = 5e-4  # PyTorch SGD's, for the base network
     gate_lr_mult: float = 10.0  # peak learning rate of new gates and MI heads relative to lr
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. airbench's widths
+    gate_input_norm: bool = False  # standardise the control modules' pooled input
 
 
 # airbench's lr 11.5 and weight decay 0.0153 "per 1024 examples" at momentum 0.85, batch 1024
@@ -47,13 +48,13 @@ PRESETS = {
     "mnist": Preset("small_cnn", 4, 128, 0.1, False, 6, 0.02, 0.7),
     # ResNet-20 has little slack: without isolation and distillation the MI term reshapes its
     # features and decoupling costs 10+ points (docs/RESULTS.md section 1.2)
-    # airbench trains in minutes (docs/RESULTS.md section 1.2); decoupling fine-tunes it with
+    # airbench trains in minutes (docs/RESULTS.md section 1.4); decoupling fine-tunes it with
     # the same recipe at a fifth of its learning rate
     # airbench at half its published widths: a full-width epoch takes ~12 min on two AVX2 cores
     "cifar10": Preset("airbench", 10, 1024, _AIRBENCH_LR, True, 4, _AIRBENCH_LR / 5, 0.55,
                       distill=0.5, isolate_gates=True, recipe="airbench",
                       weight_decay=_AIRBENCH_WD, gate_lr_mult=1.0,
-                      arch_kwargs={"widths": [32, 128, 128]}),
+                      arch_kwargs={"widths": [32, 128, 128]}, gate_input_norm=True),
 }
 
 

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reduction", type=positive(int), default=4,
                    help="bottleneck factor of the gates' FC1, C_in -> C_in/r "
                         "(default: %(default)s)")
+    g.add_argument("--gate-input-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardise each control module's pooled input (batch statistics in "
+                        "training, running ones at inference), so that small differences "
+                        "between images reach the gates (default: the preset's: on for "
+                        "CIFAR-10, else off)")
     g.add_argument("--gate-lr-mult", type=positive(float), default=None,
                    help="peak learning rate of the new gates (and MI heads) relative to --lr; "
                         "they start from scratch while the conv weights are fine-tuned "
@@ -135,9 +140,12 @@ def main(args: argparse.Namespace) -> None:
     weight_decay = args.weight_decay if args.weight_decay is not None else (
         preset.weight_decay if recipe_name == "airbench" else 1e-4)
     gate_lr_mult = args.gate_lr_mult or preset.gate_lr_mult
+    gate_norm = preset.gate_input_norm if args.gate_input_norm is None else args.gate_input_norm
     weights = LossWeights(args.lambda_k, args.lambda_m, args.lambda_s, target,
                           args.kl_detach, distill, args.temperature, recipe.label_smoothing)
-    init = _load_init(args.init, base_spec, args.reduction) if args.init else None
+    spec = replace(base_spec, decoupled=True, reduction=args.reduction,
+                   gate_input_norm=gate_norm)
+    init = _load_init(args.init, spec) if args.init else None
     config = {
         "command": "decouple", "base": str(base_dir),
         "init": None if args.init is None else str(args.init), "dataset": args.dataset,
@@ -147,7 +155,8 @@ def main(args: argparse.Namespace) -> None:
         "lr": args.lr or preset.decouple_lr, "weight_decay": weight_decay,
         "recipe": recipe_name,
         "augment": preset.augment if args.augment is None else args.augment,
-        "reduction": args.reduction, "gate_lr_mult": gate_lr_mult,
+        "reduction": args.reduction, "gate_input_norm": gate_norm,
+        "gate_lr_mult": gate_lr_mult,
         "loss_weights": asdict(weights), "isolate_gates": isolate,
         "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
@@ -155,7 +164,8 @@ def main(args: argparse.Namespace) -> None:
     }
     base_test = evaluate(base, data.x_test, data.y_test)
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
-    model = (init if init is not None else decouple(base, args.reduction)).to(args.device)
+    model = (init if init is not None else decouple(base, args.reduction, gate_norm))
+    model = model.to(args.device)
     layers = gated_layers(model)
     loss_fn = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()},
                              base_spec.num_classes, weights).to(args.device)
@@ -186,7 +196,6 @@ def main(args: argparse.Namespace) -> None:
                   before_epoch=whiten_bias_schedule(model, 0))  # the stem stays as trained
     seconds = time.perf_counter() - start
     model.cpu()
-    spec = replace(base_spec, decoupled=True, reduction=args.reduction)
     metrics = summarize(model, spec, data.x_test, data.y_test)
     metrics.update(base_test_accuracy=base_test["accuracy"], train_seconds=seconds,
                    loss_curve=history)
@@ -204,17 +213,18 @@ def main(args: argparse.Namespace) -> None:
     print(f"decoupled {spec.arch} on {data.name} in {seconds:.0f}s -> {out}")  # noqa: T201
 
 
-def _load_init(run: Path, base_spec: ModelSpec, reduction: int) -> torch.nn.Module:
-    """The decoupled network of run ``run`` (train mode), checked to match the base's spec."""
+def _load_init(run: Path, expected: ModelSpec) -> torch.nn.Module:
+    """The decoupled network of run ``run`` (train mode), checked to match ``expected``."""
     model, spec = load_checkpoint(run)
     if not spec.decoupled:
         raise ValueError(f"--init {run} is not decoupled; give a training.decouple run")
-    expected = replace(base_spec, decoupled=True, reduction=reduction)
     if spec != expected:
         raise ValueError(f"--init {run} holds {spec.arch} {spec.arch_kwargs} for "
-                         f"{spec.input_shape} with gate reduction {spec.reduction}, the base and "
-                         f"options give {expected.arch} {expected.arch_kwargs} for "
-                         f"{expected.input_shape} with reduction {expected.reduction}")
+                         f"{spec.input_shape} with gate reduction {spec.reduction} and input "
+                         f"norm {spec.gate_input_norm}, the base and options give "
+                         f"{expected.arch} {expected.arch_kwargs} for {expected.input_shape} "
+                         f"with reduction {expected.reduction} and input norm "
+                         f"{expected.gate_input_norm}")
     return model.train()
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights + model.json, strict loading, clear errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,6 +54,21 @@ def test_round_trip_gives_identical_outputs(tmp_path, decoupled):
     if decoupled:
         assert list(gated_layers(loaded)) == list(gated_layers(model))
         assert torch.equal(compute_path(loaded, x).bits(), compute_path(model, x).bits())
+
+
+def test_gate_input_norm_round_trips(tmp_path):
+    s = replace(spec(decoupled=True), gate_input_norm=True)
+    model = trained_like(s.build())
+    assert any(k.endswith("control.norm.running_mean") for k in model.state_dict())
+    save_checkpoint(tmp_path / "run", model, s)
+    loaded, loaded_spec = load_checkpoint(tmp_path / "run")
+    assert loaded_spec.gate_input_norm
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    old = json.loads((tmp_path / "run" / SPEC_FILE).read_text())
+    del old["gate_input_norm"]  # model.json written before the field existed
+    assert not ModelSpec.from_json(old).gate_input_norm
 
 
 def test_spec_json_round_trip():

@@ -62,6 +62,24 @@ def test_control_module_reads_global_average_of_input():
     torch.testing.assert_close(cm(x), cm(pooled.contiguous()))
 
 
+def test_control_module_input_norm_standardises_pooled_input():
+    cm = ControlModule(4, 6, normalize_input=True)
+    with torch.no_grad():
+        cm.fc1.weight.normal_()
+    x = torch.rand(8, 4, 5, 5) + 2 * torch.randn(8, 4, 1, 1)  # pooled values spread >> BN's eps
+    # training: batch statistics, so a per-channel affine change of the input changes nothing
+    scale = torch.tensor([2.0, 0.5, 3.0, 1.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(cm(x), cm(x * scale + 0.3), rtol=1e-3, atol=1e-3)
+    plain = ControlModule(4, 6)
+    plain.load_state_dict({k: v for k, v in cm.state_dict().items() if not k.startswith("norm")})
+    assert not torch.allclose(plain(x), plain(x * scale + 0.3))
+    # inference: running statistics gathered in training, one image at a time works
+    cm.eval()
+    s = x.mean(dim=(2, 3))
+    expected = (s - cm.norm.running_mean) / torch.sqrt(cm.norm.running_var + cm.norm.eps)
+    torch.testing.assert_close(cm(x[:1]), cm.fc2(F.relu(cm.fc1(expected[:1]))))
+
+
 # --- improved SemHash ------------------------------------------------------------------------
 
 
