@@ -8,7 +8,7 @@
 # It creates an empty virtual environment in a temporary directory, installs the package with
 # every extra (`pip install -e ".[train,dev,bench]"`, WITHOUT the old constraints, so pip picks
 # the newest versions pyproject.toml's ranges allow), runs `ruff check . && python -m pytest`
-# in it and, only if that passes, writes `pip freeze --exclude-editable` to constraints.txt.
+# in it and, only if that passes, writes what `pip freeze` lists (less pip) to constraints.txt.
 # Review the diff (`git diff constraints.txt`) and commit it with pyproject.toml if that changed.
 #
 # Settings (environment): PYTHON (default python3.11 if present, else python3) is the
@@ -52,7 +52,8 @@ fi
   echo "# with $("$venv_python" -V 2>&1) on $("$venv_python" -c 'import platform; print(platform.system(), platform.machine())')$( \
     [ "$test_suite" = 1 ] && echo ", where ruff and the whole test suite passed" || echo ", suite not run (--no-test)")."
   echo "# Use: pip install -c constraints.txt -e \".[train,dev,bench]\" (or any subset of the extras)."
-  "$venv_python" -m pip freeze --exclude-editable | LC_ALL=C sort -f
+  # --all: setuptools too (torch needs it at run time); pip itself is no dependency.
+  "$venv_python" -m pip freeze --all --exclude-editable | grep -v -i '^pip==' | LC_ALL=C sort -f
 } >"$work/constraints.txt"
 mv "$work/constraints.txt" constraints.txt
 say "wrote constraints.txt ($(grep -c '==' constraints.txt) pins)"
