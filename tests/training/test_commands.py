@@ -113,6 +113,10 @@ def run_error(cli, argv, capsys):
     (["--lr", "fast"], "'fast'"),
     (["--device", "tpu9"], "tpu9"),
     (["--precision", "fp16"], "fp16"),
+    (["--recipe", "adam"], "adam"),
+    (["--widths", "8", "16", "16"], "small_cnn"),  # airbench's option on the digits preset
+    (["--widths", "8", "0", "16"], "'0'"),
+    (["--arch", "airbench"], "airbench"),  # 8x8 digits are too small for it
     pytest.param(["--device", "cuda"], "cuda", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),
 ])
@@ -185,6 +189,7 @@ def test_train_too_small_images_message(capsys, tmp_path):
     (["--temperature", "0"], "'0'"),
     (["--epochs", "0"], "'0'"),
     (["--dataset", "no-such-data"], "no-such-data"),
+    (["--recipe", "adam"], "adam"),
 ])
 def test_decouple_errors_exit_2_naming_the_value(argv, named, capsys, base_run, tmp_path):
     err = run_error(decouple_cmd.cli,
@@ -218,7 +223,22 @@ def test_decouple_init_must_be_a_matching_decoupled_run(decoupled_run, base_run,
                                        "--reduction", "2", "--out", str(tmp_path / "out"),
                                        "-q"], capsys)
     assert "reduction 4" in err and "reduction 2" in err
+    err = run_error(decouple_cmd.cli, ["--base", str(base_run), "--init", str(decoupled_run),
+                                       "--gate-input-norm", "--out", str(tmp_path / "out"),
+                                       "-q"], capsys)
+    assert "input norm False" in err and "input norm True" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_decouple_with_standardised_gate_input(base_run, tmp_path):
+    out = tmp_path / "norm"
+    decouple_cmd.cli(["--base", str(base_run), "--dataset", "digits", "--epochs", "1",
+                      "--batch-size", "128", "--gate-input-norm", "--out", str(out), "-q"])
+    model, spec = load_checkpoint(out)
+    assert spec.gate_input_norm
+    assert json.loads((out / "config.json").read_text())["gate_input_norm"] is True
+    norms = [g.control.norm for g in gated_layers(model).values()]
+    assert norms and all(n is not None and n.num_batches_tracked > 0 for n in norms)
 
 
 def test_decouple_missing_base_dir(capsys, tmp_path):
