@@ -20,8 +20,6 @@ from training.recipe import ONE_CYCLE, Lookahead, Recipe
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
-LOOKAHEAD_DECAY = 0.95**5
-"""airbench's lookahead decay at the end of training; it grows as (step / total)^3."""
 
 LossStep = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -98,7 +96,7 @@ def fit(
             sched.step()
             step += 1
             if lookahead is not None and step % recipe.lookahead_every == 0:
-                lookahead.update(LOOKAHEAD_DECAY * (step / total) ** 3)
+                lookahead.update(recipe.lookahead_decay * (step / total) ** 3)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(yb)
             bar.update()

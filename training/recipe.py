@@ -51,7 +51,8 @@ class Recipe:
         (``start_lr`` x peak rising linearly to the peak over ``warmup`` of the steps, then
         linearly to ``final_lr`` x peak).
     label_smoothing: in [0, 1), applied by the commands' cross-entropy terms.
-    lookahead_every: steps between lookahead EMA updates (0 = off).
+    lookahead_every: steps between lookahead EMA updates (0 = off); the update's decay grows
+        as ``lookahead_decay`` x (step / total)^3.
     augmentation: what ``augment=True`` means for this recipe.
     channels_last: keep activations in NHWC (faster convs under bf16 on x86 CPUs).
     """
@@ -63,6 +64,7 @@ class Recipe:
     final_lr: float = 0.07
     label_smoothing: float = 0.0
     lookahead_every: int = 0
+    lookahead_decay: float = 0.95**5
     augmentation: Augmentation = Augmentation()
     channels_last: bool = False
 
