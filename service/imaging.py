@@ -153,7 +153,7 @@ def _why_corrupt(error: Exception) -> str:
         return ("the image data is corrupt: a compressed text or colour-profile chunk is too "
                 "large when inflated (over 1 MB)")
     if "truncated" in text:
-        return "the image data is truncated: it ends before the image is complete"
+        return "the image data is truncated or corrupt: it ends before the image is complete"
     return "the image data is truncated or corrupt; it could not be decoded"
 
 
