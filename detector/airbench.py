@@ -26,7 +26,6 @@ from torch import nn
 from detector.models import CIFAR_MEAN, CIFAR_STD, Normalize
 
 WIDTHS = (64, 256, 256)
-WHITEN_CHANNELS = 24  # 2 x (3 channels x 2 x 2 taps)
 LOGIT_SCALE = 1 / 9
 BN_MOMENTUM = 0.4  # PyTorch's convention (airbench's 0.6 = 1 - 0.4)
 BN_EPS = 1e-12
@@ -76,10 +75,11 @@ class AirbenchNet(nn.Module):
         if len(widths) != 3:
             raise ValueError(f"airbench needs three group widths, got {list(widths)}")
         self.normalize = Normalize(mean, std)
-        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True)
+        whitened = 2 * in_channels * 2 * 2  # +/- one filter per 2x2 patch dimension
+        self.whiten = nn.Conv2d(in_channels, whitened, 2, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.act = nn.GELU()
-        self.group1 = ConvGroup(2 * in_channels * 4, widths[0])
+        self.group1 = ConvGroup(whitened, widths[0])
         self.group2 = ConvGroup(widths[0], widths[1])
         self.group3 = ConvGroup(widths[1], widths[2])
         self.pool = nn.AdaptiveMaxPool2d(1)  # the 3x3 map left from 32x32 inputs

@@ -34,6 +34,7 @@ class Preset:
     isolate_gates: bool = False  # gate losses train the control modules only
     recipe: str = "one_cycle"  # a name from training.recipe.RECIPES
     weight_decay: float = 5e-4  # PyTorch SGD's, for the base network
+    decouple_weight_decay: float = 1e-4  # the same, for the decoupling fine-tune
     gate_lr_mult: float = 10.0  # peak learning rate of new gates and MI heads relative to lr
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. airbench's widths
     gate_input_norm: bool = False  # standardise the control modules' pooled input
@@ -46,14 +47,14 @@ _AIRBENCH_LR, _AIRBENCH_WD = airbench_sgd(11.5, 0.0153, AIRBENCH.momentum, 1024)
 PRESETS = {
     "digits": Preset("small_cnn", 30, 64, 0.05, False, 15, 0.02, 0.7),
     "mnist": Preset("small_cnn", 4, 128, 0.1, False, 6, 0.02, 0.7),
-    # ResNet-20 has little slack: without isolation and distillation the MI term reshapes its
-    # features and decoupling costs 10+ points (docs/RESULTS.md section 1.2)
-    # airbench trains in minutes (docs/RESULTS.md section 1.4); decoupling fine-tunes it with
-    # the same recipe at a fifth of its learning rate
-    # airbench at half its published widths: a full-width epoch takes ~12 min on two AVX2 cores
+    # airbench at half its published widths (a full-width epoch takes ~12 min on two AVX2
+    # cores), decoupled with the same recipe at a fifth of its learning rate, isolated gates and
+    # distillation (without them ResNet-20 lost 10+ points) and standardised gate inputs
+    # (without them the gates became a static mask): docs/RESULTS.md sections 1.2 and 1.4
     "cifar10": Preset("airbench", 10, 1024, _AIRBENCH_LR, True, 4, _AIRBENCH_LR / 5, 0.55,
                       distill=0.5, isolate_gates=True, recipe="airbench",
-                      weight_decay=_AIRBENCH_WD, gate_lr_mult=1.0,
+                      weight_decay=_AIRBENCH_WD, decouple_weight_decay=_AIRBENCH_WD,
+                      gate_lr_mult=1.0,
                       arch_kwargs={"widths": [32, 128, 128]}, gate_input_norm=True),
 }
 

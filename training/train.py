@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=positive(int), help="training epochs")
     g.add_argument("--batch-size", type=positive(int), help="mini-batch size")
     g.add_argument("--lr", type=positive(float),
-                   help="peak learning rate of the one-cycle schedule")
+                   help="peak learning rate of the recipe's schedule")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="SGD weight decay (default: the preset's: 5e-4, airbench's 1.33e-3)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
