@@ -32,6 +32,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from service.auth import KeyedRoute
 from service.config import Settings
 from service.errors import ApiError
+from service.limits import body_too_large
 
 #: Objects and arrays a JSON body may hold (an OIP infer request needs about 12).
 MAX_JSON_CONTAINERS = 64
@@ -86,19 +87,14 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     declared Content-Length before anything is read). ``what`` names the limit."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(f"{int(declared)} bytes", limit, what)
+        raise body_too_large(f"{int(declared)} bytes", f"{what}: {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _too_large(f"over {limit} bytes", limit, what)
+            raise body_too_large(f"over {limit} bytes", f"{what}: {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _too_large(size: str, limit: int, what: str) -> ApiError:
-    return ApiError(413, "content_too_large", f"the request body ({size}) is larger than "
-                    f"{what}: {limit} bytes", headers={"Connection": "close"})
 
 
 def check_multipart(body: bytes, content_type: str, max_parts: int) -> None:

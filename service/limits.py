@@ -21,6 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import ApiError, error_body
 
 
+def body_too_large(size: str, limit: str) -> ApiError:
+    """413 ``content_too_large`` for a body of ``size`` over ``limit`` (both as prose); closes
+    the connection, since the rest of the body is not read."""
+    return ApiError(413, "content_too_large", f"the request body ({size}) is larger than "
+                    f"{limit}", headers={"Connection": "close"})
+
+
 class BodyLimits:
     """JSON 413 for bodies over ``max_bytes``, 408 for bodies not received in ``timeout_s``."""
 
@@ -30,8 +37,7 @@ class BodyLimits:
         self.timeout_s = timeout_s
 
     def _too_large(self, size: str) -> ApiError:
-        return ApiError(413, "content_too_large", f"the request body ({size}) is larger than "
-                        f"the limit of {self.max_bytes} bytes", headers={"Connection": "close"})
+        return body_too_large(size, f"the limit of {self.max_bytes} bytes")
 
     def _too_slow(self, received: int) -> ApiError:
         return ApiError(408, "request_timeout", f"the request body was not received within "
