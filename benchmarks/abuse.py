@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import logging
 import multiprocessing
@@ -40,7 +39,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,6 +46,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.abusers import Target, abuser_process, describe  # noqa: E402
 from benchmarks.harness import Server, serving  # noqa: E402
+from benchmarks.load import encode_image, percentiles_ms  # noqa: E402
 
 log = logging.getLogger("abuse")
 KEY = "abuse-bench-key"
@@ -69,13 +68,7 @@ class Phase:
 def _pngs(shape: tuple[int, int, int], n: int, seed: int = 0) -> list[bytes]:
     c, h, w = shape
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        pixels = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+    return [encode_image(rng.integers(0, 256, (h, w, c), dtype=np.uint8)) for _ in range(n)]
 
 
 def _valid_request(i: int, model: str, shape: tuple[int, int, int], pngs: list[bytes]
@@ -136,10 +129,9 @@ async def _traffic(url: str, key: str, model: str, shape: tuple[int, int, int], 
         await asyncio.gather(*tasks)
         stop.set()
         await poller
-    ms = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
+    ms = percentiles_ms(latencies)
     return Phase(requests=len(tasks), failed=failed, server_errors=server_errors,
-                 p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
-                 health_worst_ms=worst_health * 1e3)
+                 p50_ms=ms["p50"], p99_ms=ms["p99"], health_worst_ms=worst_health * 1e3)
 
 
 def _rss_kb(pid: int, field: str) -> int:
