@@ -20,7 +20,7 @@ from detector.execution import ExecutionPlan
 from service.auth import API_KEY_HEADER, check_key
 from service.batching import MicroBatcher
 from service.config import Settings
-from service.errors import ApiError
+from service.errors import ApiError, shorten
 from service.metrics import Metrics
 from service.results import ModelCard
 
@@ -48,7 +48,7 @@ def _service(request: Request) -> ServiceState:
 
 def _model(service: ServiceState, name: str) -> ServiceState:
     if name != service.card.name:
-        shown = name if len(name) <= 60 else name[:60] + "..."
+        shown = shorten(name, 60)
         raise ApiError(404, "unknown_model", f"unknown model {shown!r}; this server serves "
                        f"{service.card.name!r}")
     return service

@@ -67,8 +67,13 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
                         headers=exc.headers)
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, for echoing client input in a message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _not_found(method: str, path: str) -> str:
-    shown = path if len(path) <= 200 else path[:200] + "..."
+    shown = shorten(path, 200)
     hint = "; paths have no trailing slash" if path.endswith("/") and path != "/" else ""
     return f"no such endpoint: {method[:20]} {shown}{hint}"
 

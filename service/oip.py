@@ -19,6 +19,7 @@ import torch
 
 from detector.analysis import Analysis
 from service.bodies import parse_json
+from service.errors import shorten
 from service.results import ModelCard
 from service.schemas import (
     InferOutput,
@@ -41,9 +42,8 @@ class TensorError(ValueError):
     """An infer request whose tensor cannot be the model's input; the message says why."""
 
 
-def _short(text: str, limit: int = 40) -> str:
-    """``text`` cut to ``limit`` characters, for echoing client input in a message."""
-    return text if len(text) <= limit else text[:limit] + "..."
+def _short(text: str) -> str:
+    return shorten(text, 40)
 
 
 def metadata(card: ModelCard, num_layers: int) -> ModelMetadata:
