@@ -29,7 +29,7 @@ from PIL import Image
 from detector.analysis import Analysis
 from detector.bundle import Bundle, BundleError, load_bundle
 from detector.execution import ExecutionPlan, fixed_plan, plan_execution
-from service.batching import MicroBatcher
+from service.batching import BatcherFactory, MicroBatcher
 from service.config import Settings, bundle_help
 from service.deps import ServiceState
 from service.errors import install_error_handlers
@@ -57,11 +57,13 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *,
+               batcher: BatcherFactory = MicroBatcher) -> FastAPI:
     """A new app; ``settings`` default to the environment / ``.env`` (:class:`Settings`).
 
     ``bundle``: the already loaded and verified bundle of ``settings.bundle``; if None, the
-    lifespan loads it.
+    lifespan loads it. ``batcher``: what merges concurrent requests into forward passes (the
+    in-process :class:`MicroBatcher`; Ray Serve replicas pass one built on ``serve.batch``).
     """
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app.state.metrics = metrics
     app.state.service = None
     app.state.preloaded = bundle
+    app.state.batcher_factory = batcher
     install_error_handlers(app)
     routers = (images, health, v2, v2_keyed, metrics_router)
     for router in routers:
@@ -152,7 +155,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         plan = await _plan(bundle, executor, settings)
         run = partial(_analyze, bundle, plan)
         await _warm_up(run, bundle.spec.input_shape, executor, settings)
-        batcher = MicroBatcher(
+        batcher = app.state.batcher_factory(
             run, executor,
             max_batch=_max_batch(settings),
             max_wait_s=settings.batch_wait_ms / 1e3, max_pending=settings.max_queue,

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -58,6 +58,32 @@ class _Item:
     images: torch.Tensor
     future: asyncio.Future[BatchResult]
     submitted: float
+
+
+class Batcher(Protocol):
+    """What the routes need of a batcher: :class:`MicroBatcher`, or under Ray Serve
+    :class:`service.serve_batching.ServeBatcher`."""
+
+    @property
+    def pending(self) -> int:
+        """Images queued or in a running forward pass."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def submit(self, images: torch.Tensor) -> BatchResult:
+        """images: (n, C, H, W) float32 in [0, 1] -> this request's rows (or OverloadedError)."""
+        ...
+
+
+class BatcherFactory(Protocol):
+    """Builds the batcher in the lifespan; the keyword arguments are :class:`MicroBatcher`'s."""
+
+    def __call__(self, run: Callable[[torch.Tensor], Analysis], executor: Executor, *,
+                 max_batch: int, max_wait_s: float, max_pending: int, workers: int,
+                 on_batch: Callable[[Analysis, float], None] | None) -> Batcher: ...
 
 
 class MicroBatcher:

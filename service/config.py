@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     workers: int = Field(1, ge=1, description="server processes; each loads its own model")
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas (`serve run "
+                          "service.ray_serve:build_app`), each a process with its own model; "
+                          "the plain server ignores it")
+    max_replicas: int = Field(0, ge=0, description="above replicas: Ray Serve autoscales "
+                              "between replicas and max_replicas on ongoing requests per "
+                              "replica (target max_batch_size); 0: a fixed replicas count")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the server")
     access_log: bool = Field(False, description="one log line per request (metrics count "

@@ -18,7 +18,7 @@ from fastapi.security import APIKeyHeader
 from detector.bundle import Bundle
 from detector.execution import ExecutionPlan
 from service.auth import API_KEY_HEADER, check_key
-from service.batching import MicroBatcher
+from service.batching import Batcher
 from service.config import Settings
 from service.errors import ApiError, shorten
 from service.metrics import Metrics
@@ -32,7 +32,7 @@ class ServiceState:
     settings: Settings
     bundle: Bundle
     card: ModelCard
-    batcher: MicroBatcher
+    batcher: Batcher
     execution: ExecutionPlan
     decode_limiter: anyio.CapacityLimiter
     ready: bool = False

@@ -34,6 +34,7 @@ from training.cli import (
     preset_for,
     run_command,
 )
+from training.distributed import Rank, process_group
 from training.engine import collect_paths, evaluate, fit
 from training.losses import DecouplingLoss, LossWeights
 from training.recipe import RECIPES, parameter_groups, whiten_bias_schedule
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Run the command; under ``torchrun --nproc_per_node N`` every rank fine-tunes on its share
+    of each global batch (:mod:`training.distributed`) and rank 0 alone writes the run directory."""
+    with process_group(args.device) as (rank, device):
+        _decouple(argparse.Namespace(**{**vars(args), "device": device}), rank)
+
+
+def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     if args.target is not None and not 0.0 <= args.target < 1.0:
         raise ValueError(f"--target must be in [0, 1), got {args.target}")
     if args.distill is not None and not 0.0 <= args.distill <= 1.0:
@@ -159,7 +167,7 @@ def main(args: argparse.Namespace) -> None:
         "loss_weights": asdict(weights), "isolate_gates": isolate,
         "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
-        "device": args.device,
+        "device": args.device, "processes": 1 if rank is None else rank.world,
     }
     base_test = evaluate(base, data.x_test, data.y_test)
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
@@ -173,12 +181,13 @@ def main(args: argparse.Namespace) -> None:
 
     teacher = base.to(args.device).eval() if weights.distill > 0 else None
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor
+             ) -> dict[str, torch.Tensor]:
         soft = None
         if teacher is not None:
             with torch.no_grad():
                 soft = teacher(xb)
-        path = compute_path(model, xb, detach_gate_input=isolate)
+        path = compute_path(net, xb, detach_gate_input=isolate)
         return loss_fn(path, yb, soft)
 
     start = time.perf_counter()
@@ -194,6 +203,8 @@ def main(args: argparse.Namespace) -> None:
                   precision=args.precision, recipe=recipe,
                   before_epoch=whiten_bias_schedule(model, 0))  # the stem stays as trained
     seconds = time.perf_counter() - start
+    if rank is not None and not rank.main:
+        return
     model.cpu()
     metrics = summarize(model, spec, data.x_test, data.y_test)
     metrics.update(base_test_accuracy=base_test["accuracy"], train_seconds=seconds,

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detector.paths import compute_path
+from training import distributed
 from training.data import batches
 from training.recipe import ONE_CYCLE, Lookahead, Recipe
 
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 
-LossStep = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# loss_step(net, images, labels): ``net`` is the model, or under torchrun its
+# DistributedDataParallel wrapper (a forward pass must go through it for gradients to sync)
+LossStep = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def fit(
@@ -44,8 +47,9 @@ def fit(
 ) -> list[dict[str, float]]:
     """SGD with Nesterov momentum, a learning-rate schedule and augmentation set by ``recipe``.
 
-    x: (N, C, H, W) uint8, y: (N,). ``loss_step(images, labels)`` returns loss terms with a
-    ``total`` entry. ``params`` are parameters or groups ``{"params": ..., "lr_mult": m}`` whose
+    x: (N, C, H, W) uint8, y: (N,). ``loss_step(net, images, labels)`` runs ``net`` (the model,
+    or its DDP wrapper) and returns loss terms with a ``total`` entry. ``params`` are
+    parameters or groups ``{"params": ..., "lr_mult": m}`` whose
     peak learning rate is ``m * lr`` (a group may set its own ``weight_decay``). Parameters that
     do not require gradients are skipped. Batches go to the device of the model's parameters.
     ``precision="bf16"`` runs ``loss_step`` under bfloat16 autocast (weights and optimiser stay
@@ -53,6 +57,11 @@ def fit(
     ``augment=True`` applies the recipe's augmentation. ``before_epoch(epoch)`` runs before each
     epoch (e.g. to freeze a parameter). With the recipe's lookahead, the returned model holds the
     averaged weights. Returns mean loss terms per epoch (the loss curve).
+
+    Under torchrun (a process group, :mod:`training.distributed`) every rank runs this with the
+    same arguments: ``batch_size`` is the global batch, each rank trains a DDP copy on its share
+    of every step with global batch-norm statistics, parameters outside ``model`` (e.g. loss
+    heads) have their gradients averaged, and only rank 0 shows progress.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -65,6 +74,8 @@ def fit(
     opt = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True,
                           weight_decay=weight_decay)
     steps = math.ceil(len(y) / batch_size)
+    rank = distributed.current_rank()
+    replica = distributed.Replica.join(model, groups, batch_size, rank) if rank else None
     total = epochs * steps
     if recipe.schedule == "one_cycle":
         sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -77,21 +88,26 @@ def fit(
     augmentation = recipe.augmentation if augment else None
     device = next(model.parameters()).device
     history = []
-    bar = tqdm(total=total, desc=desc, unit="batch", mininterval=2.0)
+    bar = tqdm(total=total, desc=desc, unit="batch", mininterval=2.0,
+               disable=replica is not None and not replica.rank.main)
     step = 0
     for epoch in range(epochs):
         if before_epoch is not None:
             before_epoch(epoch)
         model.train()
         sums: dict[str, float] = {}
-        for xb, yb in batches(x, y, batch_size, shuffle=True, augment=augmentation, seed=seed,
-                              epoch=epoch):
+        net = model if replica is None else replica.wrap()  # after before_epoch's changes
+        stream = batches if replica is None else replica.batches
+        for xb, yb in stream(x, y, batch_size, shuffle=True, augment=augmentation, seed=seed,
+                             epoch=epoch):
             xb = xb.to(device, memory_format=memory_format)
             yb = yb.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                terms = loss_step(xb, yb)
+                terms = loss_step(net, xb, yb)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
+            if replica is not None:
+                replica.average_outside_gradients()
             opt.step()
             sched.step()
             step += 1
@@ -102,9 +118,13 @@ def fit(
             bar.update()
             loss = float(terms["total"].detach())
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)
+        if replica is not None:  # the whole global batch's means, as one process reports
+            sums = replica.sum_over_ranks(sums)
         history.append({k: v / len(y) for k, v in sums.items()})
         log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])
     bar.close()
+    if replica is not None:
+        replica.leave()
     if lookahead is not None:
         lookahead.update(1.0)  # end on the averaged weights
     model.to(memory_format=torch.contiguous_format)

@@ -31,6 +31,7 @@ from training.cli import (
     run_command,
 )
 from training.data import ImageData, to_float
+from training.distributed import Rank, process_group
 from training.engine import evaluate, fit
 from training.recipe import RECIPES, parameter_groups, whiten_bias_schedule
 from training.report import write_json
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Run the command; under ``torchrun --nproc_per_node N`` every rank trains on its share of
+    each global batch (:mod:`training.distributed`) and rank 0 alone writes the run directory."""
+    with process_group(args.device) as (rank, device):
+        _train(argparse.Namespace(**{**vars(args), "device": device}), rank)
+
+
+def _train(args: argparse.Namespace, rank: Rank | None) -> None:
     data = load_data(args)
     preset = preset_for(data)
     init, init_spec = _load_init(args.init, data) if args.init else (None, None)
@@ -110,6 +118,7 @@ def main(args: argparse.Namespace) -> None:
         "threads": torch.get_num_threads(), "precision": args.precision,
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
+        "processes": 1 if rank is None else rank.world,
     }
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
     model = init if init is not None else spec.build()
@@ -120,8 +129,8 @@ def main(args: argparse.Namespace) -> None:
     log.info("training %s on %s: %d train / %d test images", arch, data.name,
              len(data.y_train), len(data.y_test))
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"total": F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)}
+    def step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"total": F.cross_entropy(net(xb), yb, label_smoothing=recipe.label_smoothing)}
 
     start = time.perf_counter()
     history = fit(model, data.x_train, data.y_train, step,
@@ -132,6 +141,8 @@ def main(args: argparse.Namespace) -> None:
                   recipe=recipe,
                   before_epoch=whiten_bias_schedule(model, WHITEN_BIAS_EPOCHS))
     seconds = time.perf_counter() - start
+    if rank is not None and not rank.main:
+        return
     model.cpu()
     test = evaluate(model, data.x_test, data.y_test)
     metrics = {

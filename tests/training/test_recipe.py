@@ -114,8 +114,8 @@ def test_short_airbench_run_learns(recipe):
     model = create_model("airbench", num_classes=3, widths=[8, 16, 16])
     before = evaluate(model, x, y)["loss"]
 
-    def step(xb, yb):
-        return {"total": F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)}
+    def step(net, xb, yb):
+        return {"total": F.cross_entropy(net(xb), yb, label_smoothing=recipe.label_smoothing)}
 
     lr = 0.2 if recipe is AIRBENCH else 0.05
     history = fit(model, x, y, step, parameter_groups(model, 5e-4), epochs=4, batch_size=64,
