@@ -9,14 +9,14 @@ detector was not fitted on (the evaluation half of the test split as
   and step size as the adaptive attack; the detector is ignored and its last iterate is judged.
 - ``adaptive``: PGD on ``relu(CW margin + kappa) + lambda * clamp(surrogate, -det_margin)``:
   straight-through (BPDA) gradients through the hard gates
-  (:func:`benchmarks.surrogate.straight_through_gates`), the path statistics re-expressed in
-  torch (:class:`benchmarks.surrogate.TorchPathFeatures`) against the class the input is pushed
-  into (the best wrong class), and a differentiable surrogate of the detector's verdict
-  (:class:`benchmarks.surrogate.Surrogate`; default an MLP distilled from the real detector's
-  flags). Every lambda in ``--lambdas`` is tried in order on the inputs not yet broken; every
-  iterate is judged by the real pipeline and the first one that is misclassified and not
-  flagged is kept. lambda 0 is PGD on the margin alone with the real detector as a stopping
-  oracle (what selection alone buys).
+  (:func:`detector.straight_through.straight_through_gates`), the shipped path statistics
+  (:class:`detector.features.PathProfile`, torch, straight-through bits) against the class the
+  input is pushed into (the best wrong class), and a differentiable surrogate of the
+  detector's verdict (:class:`benchmarks.surrogate.Surrogate`; default an MLP distilled from
+  the real detector's flags). Every lambda in ``--lambdas`` is tried in order on the inputs
+  not yet broken; every iterate is judged by the real pipeline and the first one that is
+  misclassified and not flagged is kept. lambda 0 is PGD on the margin alone with the real
+  detector as a stopping oracle (what selection alone buys).
 - ``square`` (black-box, plain): torchattacks Square (:mod:`training.attacks`), margin loss;
   ``square-aware``: Square on a detector-aware margin computed from the real pipeline's scores
   (the score is part of every API response): the class margin while not flagged, else
@@ -65,17 +65,16 @@ if str(ROOT) not in sys.path:  # run as ``python benchmarks/adaptive.py`` from a
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.surrogate import (  # noqa: E402
-    STE_KINDS,
     SURROGATES,
     Surrogate,
     SurrogateFit,
-    TorchPathFeatures,
     fit_surrogate,
-    real_verdict,
-    straight_through_gates,
 )
+from detector.analysis import score_paths  # noqa: E402
 from detector.bundle import Bundle, load_bundle  # noqa: E402
+from detector.features import PathBatch  # noqa: E402
 from detector.paths import compute_path  # noqa: E402
+from detector.straight_through import STE_KINDS, straight_through_gates  # noqa: E402
 from training.attacks import AttackSpec, craft  # noqa: E402
 from training.data import ImageData, load_dataset, to_float  # noqa: E402
 from training.experiment import split_by_image  # noqa: E402
@@ -133,7 +132,7 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float
     return torch.relu(true - best + kappa), cls
 
 
-def _pgd_run(bundle: Bundle, features: TorchPathFeatures, surrogate: Surrogate | None,
+def _pgd_run(bundle: Bundle, surrogate: Surrogate | None,
              x0: torch.Tensor, y: torch.Tensor, lam: float, cfg: PGDConfig, *,
              stop_on_success: bool, collect: Collected | None = None, seed: int = 0
              ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -160,13 +159,12 @@ def _pgd_run(bundle: Bundle, features: TorchPathFeatures, surrogate: Surrogate |
         xa = xa.detach().requires_grad_(True)
         with straight_through_gates(cfg.ste):
             result = compute_path(bundle.model, xa)
-        verdict = real_verdict(bundle, result)
-        ok = (verdict.predictions != y[idx].numpy()) & ~verdict.flagged
+        paths = PathBatch.from_result(result, ste=cfg.ste)
+        scored = score_paths(bundle.profile, bundle.detector, paths)  # the real verdict
+        ok = (scored.predictions != y[idx]).numpy() & ~scored.flagged.numpy()
         if collect is not None:
-            with torch.no_grad():
-                collect.features.append(features(
-                    result, torch.from_numpy(verdict.predictions), ste=None).detach())
-            collect.flagged.append(torch.from_numpy(verdict.flagged.copy()))
+            collect.features.append(scored.features.detach())
+            collect.flagged.append(scored.flagged)
             collect.clean.append(torch.full((len(idx),), t == 0 and not cfg.random_start))
         new = ok & ~success[idx]
         out[idx[new]] = xa.detach()[torch.from_numpy(new)]
@@ -178,7 +176,8 @@ def _pgd_run(bundle: Bundle, features: TorchPathFeatures, surrogate: Surrogate |
         cls_loss, wrong = attack_loss(result.logits, y[idx], cfg.kappa)
         loss = cls_loss
         if lam > 0 and surrogate is not None:
-            score = surrogate(features(result, wrong.detach(), ste=cfg.ste))
+            stats = bundle.profile.layer_stats(paths, wrong.detach())
+            score = surrogate(bundle.profile.transform(paths, stats))
             loss = loss + lam * score.clamp_min(-cfg.det_margin)
         keep_t = torch.from_numpy(keep)
         (grad,) = torch.autograd.grad(loss[keep_t].sum(), xa)
@@ -205,7 +204,7 @@ class AdaptiveResult:
     step: np.ndarray
 
 
-def adaptive_pgd(bundle: Bundle, features: TorchPathFeatures, surrogate: Surrogate | None,
+def adaptive_pgd(bundle: Bundle, surrogate: Surrogate | None,
                  x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, lambdas: Sequence[float],
                  batch_size: int = 300, seed: int = 0) -> AdaptiveResult:
     """The adaptive attack on x (N, C, H, W) in [0, 1] with true labels y (N,): each lambda in
@@ -217,7 +216,7 @@ def adaptive_pgd(bundle: Bundle, features: TorchPathFeatures, surrogate: Surroga
         for start in range(0, len(todo), batch_size):
             b = todo[start:start + batch_size]
             bt = torch.from_numpy(b)
-            xb, ok, step = _pgd_run(bundle, features, surrogate, x[bt], y[bt], lam, cfg,
+            xb, ok, step = _pgd_run(bundle, surrogate, x[bt], y[bt], lam, cfg,
                                     stop_on_success=True, seed=seed + li)
             res.x_adv[bt] = xb
             res.success[b[ok]] = True
@@ -226,7 +225,7 @@ def adaptive_pgd(bundle: Bundle, features: TorchPathFeatures, surrogate: Surroga
     return res
 
 
-def fit_attack_surrogate(bundle: Bundle, features: TorchPathFeatures, x: torch.Tensor,
+def fit_attack_surrogate(bundle: Bundle, x: torch.Tensor,
                          y: torch.Tensor, configs: Sequence[PGDConfig], lambdas: Sequence[float],
                          *, kind: str, rounds: int, seed: int, batch_size: int = 300
                          ) -> tuple[Surrogate, list[dict[str, Any]]]:
@@ -246,7 +245,7 @@ def fit_attack_surrogate(bundle: Bundle, features: TorchPathFeatures, x: torch.T
             for lam in lams:
                 for start in range(0, len(y), batch_size):
                     sl = slice(start, start + batch_size)
-                    _pgd_run(bundle, features, surrogate, x[sl], y[sl], lam, cfg,
+                    _pgd_run(bundle, surrogate, x[sl], y[sl], lam, cfg,
                              stop_on_success=False, collect=data, seed=seed + r)
         X, flagged, clean = data.tensors()
         fit = fit_surrogate(X, flagged, clean, kind=kind, seed=seed)
@@ -298,8 +297,9 @@ class DetectorAwareSquare(torchattacks.Square):
         """x (B, C, H, W) in [0, 1], y (B,) true labels -> margin and loss, both (B,)."""
         with torch.inference_mode():
             result = compute_path(self.bundle.model, x)
-        verdict = real_verdict(self.bundle, result)
-        m = detector_aware_margin(result.logits, y, torch.from_numpy(verdict.scores),
+        scored = score_paths(self.bundle.profile, self.bundle.detector,
+                             PathBatch.from_result(result))
+        m = detector_aware_margin(result.logits, y, scored.scores,
                                   float(self.bundle.detector.threshold_))
         return m.clone(), m.clone()
 
@@ -399,7 +399,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"expects {tuple(bundle.spec.input_shape)}")
     x, y, ids = select_images(data, bundle, args.n, side="eval", split_seed=args.split_seed,
                               seed=args.seed)
-    features = TorchPathFeatures(bundle.profile)
     configs = [PGDConfig(eps=e, alpha=args.alpha_factor * e / args.steps, steps=args.steps,
                          kappa=args.kappa, det_margin=args.det_margin, ste=args.ste,
                          random_start=args.random_start, grid=args.grid) for e in sorted(args.eps)]
@@ -412,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         xs, ys, sur_ids = select_images(data, bundle, args.surrogate_images, side="fit",
                                         split_seed=args.split_seed, seed=args.seed + 1)
         surrogate, history = fit_attack_surrogate(
-            bundle, features, xs, ys, configs, args.lambdas, kind=args.surrogate,
+            bundle, xs, ys, configs, args.lambdas, kind=args.surrogate,
             rounds=args.refit_rounds, seed=args.seed, batch_size=args.batch_size)
         seconds["surrogate"] = time.perf_counter() - t0
 
@@ -430,7 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 xa = plain_pgd(bundle, x, y, cfg, args.seed, args.batch_size)
                 xs_, ys_ = x, y
             elif name == "adaptive":
-                res = adaptive_pgd(bundle, features, surrogate, x, y, cfg, args.lambdas,
+                res = adaptive_pgd(bundle, surrogate, x, y, cfg, args.lambdas,
                                    args.batch_size, args.seed)
                 xa, xs_, ys_ = res.x_adv, x, y
             else:

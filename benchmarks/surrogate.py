@@ -1,165 +1,22 @@
-"""Differentiable stand-ins for the path detector, for adaptive (white-box) attacks.
+"""A differentiable stand-in for the path detector's verdict, for adaptive (white-box) attacks.
 
-The deployed pipeline (:func:`detector.analysis.analyze`) is not differentiable in two places:
-the gates are hard bits ``z = 1(G(s) > 0)``, and the detector is a random forest on statistics
-of those bits. This module supplies what a gradient-based attacker needs, without touching the
-inference code:
-
-- :func:`straight_through_gates`: BPDA for the gates. Inside the block every ``GatedConv`` runs
-  through a :class:`~detector.gates.ConvExecutor` (the extension point the sparse executor
-  uses) whose forward output is exactly the masked output of inference (hard 0/1 gates), while
-  the backward pass differentiates the mask as if it were ``sigmoid(G(s))`` (``"sigmoid"``) or
-  the saturated sigmoid that the gates' training-time straight-through estimator uses
-  (``"semhash"``; its gradient vanishes for ``|G(s)| > 2.4``). Gradients then also flow through
-  the architecture control modules into the input.
-- :class:`TorchPathFeatures`: :meth:`detector.features.PathProfile.transform` re-expressed in
-  torch (float64), against any class the caller chooses (the detector uses the predicted class;
-  an attacker uses the class it is pushing the input into), with straight-through bits.
-- :class:`Surrogate` and :func:`fit_surrogate`: a differentiable model of the *real* detector's
-  verdict, fitted on features and the real detector's flags (distillation of its decision), or
-  a label-free anomaly score (standardised squared distance to clean features).
-- :func:`real_verdict`: the real pipeline's predictions, scores and flags, computed from a
-  path exactly as :func:`detector.analysis.analyze` does (used to judge attacks; never the
-  surrogate).
+The shipped scoring step (:func:`detector.analysis.score_paths`) is differentiable up to the
+features (straight-through gates: :mod:`detector.straight_through`); its last step, the fitted
+scikit-learn detector (a random forest by default), is piecewise constant. An attacker
+therefore descends on :class:`Surrogate`, fitted by :func:`fit_surrogate` on the shipped
+features and the real detector's flags (distillation of its decision), or a label-free anomaly
+score (standardised squared distance to clean features). Attacks are always judged by the real
+pipeline, never by the surrogate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from detector.bundle import Bundle
-from detector.features import LAYER_STATS, PathBatch, PathProfile
-from detector.gates import GatedConv, conv_executor, saturated_sigmoid
-from detector.paths import PathResult
-
-STE_KINDS = ("sigmoid", "semhash")
 SURROGATES = ("mlp", "logistic", "anomaly")
-
-
-def soft_gates(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Differentiable gate values from gate logits (B, C) -> (B, C) in [0, 1].
-
-    ``"sigmoid"``: sigmoid(logits); ``"semhash"``: clamp(1.2 sigmoid(logits) - 0.1, 0, 1), the
-    noise-free version of the training-time estimator in :func:`detector.gates.improved_semhash`.
-    """
-    if kind == "sigmoid":
-        return torch.sigmoid(logits)
-    if kind == "semhash":
-        return saturated_sigmoid(logits)
-    raise ValueError(f"unknown straight-through kind {kind!r}; choose one of {STE_KINDS}")
-
-
-def straight_through(hard: torch.Tensor, logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Value of ``hard`` (B, C) in {0, 1}, gradient of :func:`soft_gates` (``logits``)."""
-    soft = soft_gates(logits, kind)
-    return hard + (soft - soft.detach())
-
-
-class _StraightThroughExecutor:
-    """ConvExecutor: conv -> BN -> mask with straight-through gates (value unchanged)."""
-
-    def __init__(self, kind: str) -> None:
-        soft_gates(torch.zeros(1), kind)  # validates the kind
-        self.kind = kind
-
-    def __call__(self, layer: GatedConv, x: torch.Tensor, z: torch.Tensor,
-                 need_pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, C_in, H, W), z: (B, C_out) hard gates -> masked (B, C_out, H', W'), pooled."""
-        y = layer.normalized(x)
-        logits = layer.control(x)  # the same logits GatedConv computed, recomputed for the graph
-        mask = straight_through(z, logits, self.kind)
-        out = y * mask[:, :, None, None]
-        return out, (y.mean(dim=(2, 3)) if need_pooled else None)
-
-
-@contextmanager
-def straight_through_gates(kind: str = "sigmoid") -> Iterator[None]:
-    """BPDA for every gated layer run inside the block (this thread/task only).
-
-    Forward values (logits, paths) are bit-for-bit those of inference in eval mode; gradients
-    of the masks follow :func:`soft_gates`. Not meant for ``force_open`` passes.
-    """
-    with conv_executor(_StraightThroughExecutor(kind)):
-        yield
-
-
-class TorchPathFeatures(nn.Module):
-    """:meth:`PathProfile.transform` in torch: path -> (B, F) features, differentiable.
-
-    Buffers are float64 copies of the profile's per-class statistics; the features are computed
-    in float64 and returned as float32, like the numpy version (agreement about 1e-6 relative).
-    """
-
-    def __init__(self, profile: PathProfile) -> None:
-        super().__init__()
-        self.layer_names = profile.layer_names
-        self.include_raw = profile.include_raw
-        for i, lp in enumerate(profile.layers.values()):
-            freq = torch.from_numpy(np.asarray(lp.freq, dtype=np.float64))
-            self.register_buffer(f"log_freq{i}", torch.log(freq))
-            self.register_buffer(f"log1m_freq{i}", torch.log1p(-freq))
-            self.register_buffer(f"majority{i}", (freq > 0.5).to(torch.float64))
-            self.register_buffer(f"mean{i}", torch.from_numpy(np.asarray(lp.mean, np.float64)))
-            self.register_buffer(f"inv_var{i}",
-                                 1.0 / torch.from_numpy(np.asarray(lp.var, np.float64)))
-
-    def _buf(self, name: str, i: int) -> torch.Tensor:
-        return getattr(self, f"{name}{i}")
-
-    def forward(self, result: PathResult, classes: torch.Tensor,
-                ste: str | None = "sigmoid") -> torch.Tensor:
-        """result: a path of B inputs; classes: (B,) int64 class to score each path against.
-
-        ``ste``: straight-through kind for the bits (their values are the recorded hard bits);
-        None uses the recorded bits as they are (no gradient through them). Returns (B, F)
-        float32 in the order of :meth:`PathProfile.feature_names`.
-        """
-        classes = classes.long()
-        rows = torch.arange(len(classes))
-        stats: dict[str, list[torch.Tensor]] = {s: [] for s in LAYER_STATS}
-        raw_bits, raw_logits = [], []
-        for i, name in enumerate(self.layer_names):
-            layer = result.layers[name]
-            g = layer.logits.to(torch.float64)  # (B, C)
-            hard = layer.bits.detach().to(torch.float64)
-            b = hard if ste is None else straight_through(hard, g, ste)
-            c = b.shape[1]
-            log_f, log_1mf = self._buf("log_freq", i), self._buf("log1m_freq", i)  # (K, C)
-            nll_all = -(b @ log_f.T + (1 - b) @ log_1mf.T) / c  # (B, K)
-            mean, inv = self._buf("mean", i), self._buf("inv_var", i)
-            dist_all = ((g[:, None, :] - mean[None]) ** 2 * inv[None]).mean(-1)  # (B, K)
-            maj = self._buf("majority", i)[classes]  # (B, C)
-            nll, dist = nll_all[rows, classes], dist_all[rows, classes]
-            stats["bit_nll"].append(nll)
-            stats["bit_excess"].append(nll - nll_all.min(1).values)
-            stats["hamming"].append((b + maj - 2 * b * maj).mean(1))  # = (b != maj) for bits
-            stats["logit_dist"].append(dist)
-            stats["logit_excess"].append(dist - dist_all.min(1).values)
-            stats["margin"].append(g.abs().mean(1))
-            stats["open"].append(b.mean(1))
-            raw_bits.append(b)
-            raw_logits.append(g)
-        parts = [torch.stack(stats[s], dim=1) for s in LAYER_STATS]  # each (B, L)
-        parts.append(prediction_stats(result.logits))
-        if self.include_raw:
-            parts += raw_bits + raw_logits
-        return torch.cat(parts, dim=1).to(torch.float32)
-
-
-def prediction_stats(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K) logits -> (B, 3) float64: softmax confidence, top-1 minus top-2 logit, entropy
-    (nats), as :func:`detector.features.prediction_stats`."""
-    z = logits.to(torch.float64)
-    p = torch.softmax(z, dim=1)
-    top2 = z.topk(2, dim=1).values
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
-    return torch.stack([p.max(1).values, top2[:, 0] - top2[:, 1], entropy], dim=1)
 
 
 class Surrogate(nn.Module):
@@ -215,9 +72,10 @@ def fit_surrogate(features: torch.Tensor, flagged: torch.Tensor, clean: torch.Te
                   hidden: int = 64) -> SurrogateFit:
     """Fit a :class:`Surrogate` to the real detector's flags.
 
-    features: (N, F) float32 path features (:class:`TorchPathFeatures` of the real predicted
-    class); flagged: (N,) bool, the real detector's verdict at its threshold; clean: (N,) bool,
-    unmodified clean inputs (the anomaly surrogate's reference). A random fifth is held out to
+    features: (N, F) float32 path features against the real predicted class (as
+    :func:`detector.analysis.score_paths` computes them); flagged: (N,) bool, the real
+    detector's verdict at its threshold; clean: (N,) bool, unmodified clean inputs (the anomaly
+    surrogate's reference). A random fifth is held out to
     measure agreement. Full-batch Adam on class-balanced logistic loss.
     """
     n = len(features)
@@ -266,26 +124,3 @@ def _balanced(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     tpr = (pred & truth).sum() / truth.sum() if truth.any() else torch.tensor(1.0)
     tnr = (~pred & ~truth).sum() / (~truth).sum() if (~truth).any() else torch.tensor(1.0)
     return (tpr + tnr) / 2
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The real pipeline's output for B inputs (numpy): predictions (B,), scores (B,) in [0, 1],
-    flagged (B,) bool (score above the bundle's threshold)."""
-
-    predictions: np.ndarray
-    scores: np.ndarray
-    flagged: np.ndarray
-
-
-def real_verdict(bundle: Bundle, result: PathResult) -> Verdict:
-    """Predictions and detector verdicts of the real pipeline for an eval-mode path.
-
-    Exactly the computation of :func:`detector.analysis.analyze` after its forward pass (real
-    features from :class:`PathProfile`, the bundle's scikit-learn detector and threshold).
-    """
-    paths = PathBatch.from_result(result)
-    preds = paths.logits.argmax(1)
-    stats = bundle.profile.layer_stats(paths, preds)
-    scores = bundle.detector.predict_proba(bundle.profile.transform(paths, stats))[:, 1]
-    return Verdict(preds, scores, scores > bundle.detector.threshold_)

@@ -27,7 +27,10 @@ class Analysis:
         path (clean inputs: mean 0, std 1; larger is more unusual);
     layer_open: (N, L) open filters per layer; layer_filters: (L,) filters per layer;
     open_fraction: (N,) open share over all gated filters; flops_fraction: (N,) executed /
-        dense multiply-accumulates of the whole network.
+        dense multiply-accumulates of the whole network;
+    path_bits: (N, sum of layer_filters) bool, the computation path itself: every gated
+        filter's state, layer after layer in execution order (True = open);
+    execution: how the network ran (see :data:`EXECUTIONS`).
     """
 
     probs: np.ndarray
@@ -41,7 +44,16 @@ class Analysis:
     layer_filters: np.ndarray
     open_fraction: np.ndarray
     flops_fraction: np.ndarray
+    path_bits: np.ndarray | None = None
     execution: str = "masked"
+
+    def layer_bits(self, row: int) -> dict[str, np.ndarray]:
+        """Image ``row``'s path: layer name -> (C,) bool filter states, in execution order."""
+        if self.path_bits is None:
+            raise ValueError("this analysis has no path_bits")
+        ends = np.cumsum(self.layer_filters)
+        return {name: self.path_bits[row, end - c:end] for name, c, end in
+                zip(self.layer_names, self.layer_filters, ends, strict=True)}
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -62,6 +74,37 @@ EXECUTIONS = ("masked", "sparse")
 (:mod:`detector.sparse`). Both give the same logits and paths up to float rounding."""
 
 
+@dataclass(frozen=True)
+class PathScores:
+    """The detector's view of N paths: predictions (N,) int64 predicted classes; stats: layer
+    statistics against them (:meth:`PathProfile.layer_stats`, each (N, L) float64); features
+    (N, F) float32; scores (N,) float64 calibrated probability in [0, 1] that the input is
+    adversarial; flagged (N,) bool, score above the detector's threshold. Tensors; stats and
+    features keep their graph when the paths have one."""
+
+    predictions: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    features: torch.Tensor
+    scores: torch.Tensor
+    flagged: torch.Tensor
+
+
+def score_paths(profile: PathProfile, detector: PathDetector, paths: PathBatch) -> PathScores:
+    """Path -> features -> detector score, the one implementation of that step.
+
+    Used by :func:`analyze` (serving), and by adaptive attacks on paths with straight-through
+    bits. The last step, the fitted scikit-learn detector (a random forest by default), is not
+    differentiable and runs on a detached copy of the features: a tree ensemble is piecewise
+    constant, so even a tensor version of it would give zero gradient almost everywhere;
+    attacks differentiate the features and a fitted stand-in of the detector instead.
+    """
+    predictions = paths.logits.detach().argmax(1)
+    stats = profile.layer_stats(paths, predictions)
+    features = profile.transform(paths, stats)
+    scores = torch.from_numpy(detector.predict_proba(features.detach().numpy())[:, 1])
+    return PathScores(predictions, stats, features, scores, scores > detector.threshold_)
+
+
 def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
             images: torch.Tensor, network_macs: int, execution: str = "masked") -> Analysis:
     """images: (N, C, H, W) float32 in [0, 1] -> :class:`Analysis`; model must be in eval.
@@ -73,22 +116,22 @@ def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
     with torch.inference_mode(), (sparse_execution() if execution == "sparse"
                                   else contextlib.nullcontext()):
         result = compute_path(model, images, pooled=False)
-    paths = PathBatch.from_result(result)
-    stats = profile.layer_stats(paths, paths.logits.argmax(1))
-    scores = detector.predict_proba(profile.transform(paths, stats))[:, 1]
+        paths = PathBatch.from_result(result)
+        scored = score_paths(profile, detector, paths)
     probs = torch.softmax(result.logits, dim=1).numpy()
     names = profile.layer_names
     return Analysis(
         probs=probs,
-        predictions=probs.argmax(1),
-        scores=scores,
-        flagged=scores > detector.threshold_,
+        predictions=scored.predictions.numpy(),
+        scores=scored.scores.numpy(),
+        flagged=scored.flagged.numpy(),
         threshold=float(detector.threshold_),
         layer_names=names,
-        layer_anomaly=profile.anomaly(stats),
-        layer_open=np.stack([paths.bits[k].sum(1) for k in names], axis=1).astype(np.int64),
+        layer_anomaly=profile.anomaly(scored.stats).numpy(),
+        layer_open=torch.stack([paths.bits[k].sum(1) for k in names], dim=1).long().numpy(),
         layer_filters=np.array([paths.bits[k].shape[1] for k in names]),
         open_fraction=result.open_fraction().numpy(),
         flops_fraction=result.flops_fraction(network_macs).numpy(),
+        path_bits=torch.cat([paths.bits[k] for k in names], dim=1).bool().numpy(),
         execution=execution,
     )

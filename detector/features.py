@@ -1,11 +1,12 @@
-"""Detector features from computation paths, with class-conditional path statistics.
+"""Detector features from computation paths, with class-conditional path statistics, in torch.
 
 :class:`PathProfile` learns, from the paths of clean training images, per class and per gated
 layer: how often each filter is open and the mean/variance of each gate logit. For a new path
-and its predicted class, each layer then gets cheap, explainable statistics:
+and a class (the predicted one when serving; the one an attacker pushes the input into when
+attacking), each layer then gets cheap, explainable statistics:
 
-- ``bit_nll``: Bernoulli negative log-likelihood of the gate bits under the predicted class's
-  gate frequencies, per filter (nats);
+- ``bit_nll``: Bernoulli negative log-likelihood of the gate bits under the class's gate
+  frequencies, per filter (nats);
 - ``bit_excess``: ``bit_nll`` minus the smallest ``bit_nll`` over all classes (>= 0: how much
   better another class explains this path);
 - ``hamming``: share of filters that differ from the class's typical path (majority bits);
@@ -18,6 +19,11 @@ Global features: softmax confidence, top-1 minus top-2 logit, softmax entropy. O
 raw bits and gate logits are appended. The per-layer *anomaly* the server reports is
 ``logit_dist`` standardised against clean training paths of the same layer (a z-score; values
 above ~3 are unusual).
+
+Everything is torch (statistics in float64, features returned as float32), so one
+implementation serves the server, the detector's fitting and the adaptive attacks: with
+straight-through bits (:meth:`PathBatch.from_result` with ``ste=``) the features are
+differentiable with respect to the input.
 """
 
 from __future__ import annotations
@@ -28,31 +34,51 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from detector.straight_through import straight_through
+
 LAYER_STATS = ("bit_nll", "bit_excess", "hamming", "logit_dist", "logit_excess", "margin", "open")
 GLOBAL_STATS = ("confidence", "logit_margin", "entropy")
 _EPS = 1e-6
 
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _tensor(a: ArrayLike, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.as_tensor(a, dtype=dtype)
+
 
 @dataclass(frozen=True)
 class PathBatch:
-    """Paths of N inputs as numpy arrays.
+    """Paths of N inputs: logits (N, K) class logits; bits: layer -> (N, C) in {0, 1};
+    gate_logits: layer -> (N, C). Tensors (numpy arrays are converted)."""
 
-    logits: (N, K) class logits; bits: layer -> (N, C) in {0, 1}; gate_logits: layer -> (N, C).
-    """
+    logits: torch.Tensor
+    bits: Mapping[str, torch.Tensor]
+    gate_logits: Mapping[str, torch.Tensor]
 
-    logits: np.ndarray
-    bits: Mapping[str, np.ndarray]
-    gate_logits: Mapping[str, np.ndarray]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logits", _tensor(self.logits))
+        object.__setattr__(self, "bits", {k: _tensor(v) for k, v in self.bits.items()})
+        object.__setattr__(self, "gate_logits",
+                           {k: _tensor(v) for k, v in self.gate_logits.items()})
 
     @classmethod
-    def from_result(cls, result: object) -> PathBatch:
-        """From a :class:`detector.paths.PathResult` (tensors are detached and copied)."""
+    def from_result(cls, result: object, ste: str | None = None) -> PathBatch:
+        """From a :class:`detector.paths.PathResult`.
+
+        ``ste=None``: detached tensors (inference, fitting). ``ste="sigmoid"`` or ``"semhash"``:
+        the graph is kept and each bit is straight-through (value of the hard bit, gradient of
+        :func:`detector.straight_through.soft_gates` of its gate logit), for attacks.
+        """
         layers = result.layers  # type: ignore[attr-defined]
-        return cls(
-            logits=result.logits.detach().cpu().numpy(),  # type: ignore[attr-defined]
-            bits={k: v.bits.detach().cpu().numpy() for k, v in layers.items()},
-            gate_logits={k: v.logits.detach().cpu().numpy() for k, v in layers.items()},
-        )
+        logits = result.logits  # type: ignore[attr-defined]
+        if ste is None:
+            return cls(logits.detach(), {k: v.bits.detach() for k, v in layers.items()},
+                       {k: v.logits.detach() for k, v in layers.items()})
+        return cls(logits,
+                   {k: straight_through(v.bits.detach(), v.logits, ste)
+                    for k, v in layers.items()},
+                   {k: v.logits for k, v in layers.items()})
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -61,22 +87,32 @@ class PathBatch:
     def concat(batches: list[PathBatch]) -> PathBatch:
         first = batches[0]
         return PathBatch(
-            logits=np.concatenate([b.logits for b in batches]),
-            bits={k: np.concatenate([b.bits[k] for b in batches]) for k in first.bits},
-            gate_logits={k: np.concatenate([b.gate_logits[k] for b in batches])
+            logits=torch.cat([b.logits for b in batches]),
+            bits={k: torch.cat([b.bits[k] for b in batches]) for k in first.bits},
+            gate_logits={k: torch.cat([b.gate_logits[k] for b in batches])
                          for k in first.gate_logits},
         )
+
+    def take(self, rows: ArrayLike) -> PathBatch:
+        """The paths at ``rows`` (an index or boolean mask of length N)."""
+        idx = _tensor(rows)
+        return PathBatch(self.logits[idx], {k: v[idx] for k, v in self.bits.items()},
+                         {k: v[idx] for k, v in self.gate_logits.items()})
 
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """Class-conditional statistics of one layer: arrays of shape (K, C)."""
+    """Class-conditional statistics of one layer: float64 tensors of shape (K, C)."""
 
-    freq: np.ndarray  # P(filter open | class), smoothed into (0, 1)
-    mean: np.ndarray  # mean gate logit per class
-    var: np.ndarray  # gate-logit variance per class (floored)
+    freq: torch.Tensor  # P(filter open | class), smoothed into (0, 1)
+    mean: torch.Tensor  # mean gate logit per class
+    var: torch.Tensor  # gate-logit variance per class (floored)
     anomaly_mean: float  # mean of logit_dist on clean training paths
     anomaly_std: float  # its standard deviation
+
+    def __post_init__(self) -> None:
+        for name in ("freq", "mean", "var"):
+            object.__setattr__(self, name, _tensor(getattr(self, name), torch.float64))
 
 
 class PathProfile:
@@ -87,88 +123,91 @@ class PathProfile:
         self.include_raw = include_raw
 
     @classmethod
-    def fit(cls, paths: PathBatch, labels: np.ndarray, num_classes: int,
+    def fit(cls, paths: PathBatch, labels: ArrayLike, num_classes: int,
             include_raw: bool = False, smoothing: float = 1.0) -> PathProfile:
         """labels: (N,) classes of clean inputs (use correctly classified ones).
 
         Frequencies use Laplace smoothing (``smoothing`` pseudo-counts per outcome); classes
         without examples fall back to the all-class statistics.
         """
-        labels = np.asarray(labels)
+        labels = _tensor(labels).long()
         if len(labels) != len(paths):
             raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
         layers = {}
         for name, bits in paths.bits.items():
             # float64, as stored by to_arrays: the fitted and the reloaded profile agree exactly
-            bits = bits.astype(np.float64)
-            g = paths.gate_logits[name].astype(np.float64)
+            bits = bits.detach().to(torch.float64)
+            g = paths.gate_logits[name].detach().to(torch.float64)
             k_freq, k_mean, k_var = [], [], []
             for c in range(num_classes):
                 sel = labels == c
                 b, gl = (bits[sel], g[sel]) if sel.any() else (bits, g)
                 k_freq.append((b.sum(0) + smoothing) / (len(b) + 2 * smoothing))
                 k_mean.append(gl.mean(0))
-                k_var.append(gl.var(0))
-            var = np.stack(k_var)
-            floor = max(float(np.median(var)) * 0.01, _EPS)
-            layers[name] = LayerProfile(np.stack(k_freq), np.stack(k_mean),
-                                        np.maximum(var, floor), 0.0, 1.0)
+                k_var.append(gl.var(0, unbiased=False))
+            var = torch.stack(k_var)
+            floor = max(float(torch.quantile(var.flatten(), 0.5)) * 0.01, _EPS)  # numpy's median
+            layers[name] = LayerProfile(torch.stack(k_freq), torch.stack(k_mean),
+                                        var.clamp_min(floor), 0.0, 1.0)
         profile = cls(layers, include_raw)
         dist = profile.layer_stats(paths, labels)["logit_dist"]  # (N, L)
         for j, name in enumerate(layers):
             lp = layers[name]
             layers[name] = LayerProfile(lp.freq, lp.mean, lp.var, float(dist[:, j].mean()),
-                                        float(dist[:, j].std()) + _EPS)
+                                        float(dist[:, j].std(unbiased=False)) + _EPS)
         return profile
 
     @property
     def layer_names(self) -> list[str]:
         return list(self.layers)
 
-    def layer_stats(self, paths: PathBatch, classes: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-layer statistics against ``classes`` (N,): stat name -> (N, L) array."""
-        n = len(paths)
-        rows = np.arange(n)
-        out = {s: np.empty((n, len(self.layers))) for s in LAYER_STATS}
-        for j, (name, lp) in enumerate(self.layers.items()):
-            b = paths.bits[name].astype(np.float64)  # (N, C)
-            g = paths.gate_logits[name].astype(np.float64)
-            c = b.shape[1]
-            nll_all = -(b @ np.log(lp.freq).T + (1 - b) @ np.log1p(-lp.freq).T) / c  # (N, K)
-            # mean over filters of (g - mu)^2 / var, for every class at once: (N, K)
-            inv = 1.0 / lp.var
-            dist_all = ((g**2) @ inv.T - 2 * g @ (lp.mean * inv).T
-                        + (lp.mean**2 * inv).sum(1)[None]) / c
-            out["bit_nll"][:, j] = nll_all[rows, classes]
-            out["bit_excess"][:, j] = nll_all[rows, classes] - nll_all.min(1)
-            out["hamming"][:, j] = (b != (lp.freq[classes] > 0.5)).mean(1)
-            out["logit_dist"][:, j] = dist_all[rows, classes]
-            out["logit_excess"][:, j] = dist_all[rows, classes] - dist_all.min(1)
-            out["margin"][:, j] = np.abs(g).mean(1)
-            out["open"][:, j] = b.mean(1)
-        return out
+    def layer_stats(self, paths: PathBatch, classes: ArrayLike) -> dict[str, torch.Tensor]:
+        """Per-layer statistics against ``classes`` (N,): stat name -> (N, L) float64.
 
-    def anomaly(self, stats: Mapping[str, np.ndarray]) -> np.ndarray:
+        Differentiable in the bits and gate logits of ``paths``.
+        """
+        classes = _tensor(classes).long()
+        rows = torch.arange(len(classes))
+        out: dict[str, list[torch.Tensor]] = {s: [] for s in LAYER_STATS}
+        for name, lp in self.layers.items():
+            b = paths.bits[name].to(torch.float64)  # (N, C)
+            g = paths.gate_logits[name].to(torch.float64)
+            c = b.shape[1]
+            nll_all = -(b @ torch.log(lp.freq).T + (1 - b) @ torch.log1p(-lp.freq).T) / c  # (N, K)
+            dist_all = ((g[:, None, :] - lp.mean[None]) ** 2 / lp.var[None]).mean(-1)  # (N, K)
+            majority = (lp.freq[classes] > 0.5).to(torch.float64)  # (N, C)
+            nll, dist = nll_all[rows, classes], dist_all[rows, classes]
+            out["bit_nll"].append(nll)
+            out["bit_excess"].append(nll - nll_all.min(1).values)
+            out["hamming"].append((b + majority - 2 * b * majority).mean(1))  # b != majority
+            out["logit_dist"].append(dist)
+            out["logit_excess"].append(dist - dist_all.min(1).values)
+            out["margin"].append(g.abs().mean(1))
+            out["open"].append(b.mean(1))
+        return {s: torch.stack(v, dim=1) for s, v in out.items()}
+
+    def anomaly(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(N, L) per-layer anomaly z-scores from :meth:`layer_stats` output."""
-        mean = np.array([lp.anomaly_mean for lp in self.layers.values()])
-        std = np.array([lp.anomaly_std for lp in self.layers.values()])
+        mean = torch.tensor([lp.anomaly_mean for lp in self.layers.values()], dtype=torch.float64)
+        std = torch.tensor([lp.anomaly_std for lp in self.layers.values()], dtype=torch.float64)
         return (stats["logit_dist"] - mean) / std
 
     def transform(self, paths: PathBatch,
-                  stats: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+                  stats: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(N, F) float32 features: per-layer stats against the predicted class, global
         prediction statistics, and (if ``include_raw``) raw bits and gate logits.
 
-        ``stats``: :meth:`layer_stats` against the predicted classes, if already computed.
+        ``stats``: :meth:`layer_stats` against the predicted classes, or against any other
+        classes the caller chooses (an attacker's target); default: the predicted classes.
         """
         if stats is None:
             stats = self.layer_stats(paths, paths.logits.argmax(1))
         parts = [stats[s] for s in LAYER_STATS]
         parts.append(prediction_stats(paths.logits))
         if self.include_raw:
-            parts += [paths.bits[k] for k in self.layers]
-            parts += [paths.gate_logits[k] for k in self.layers]
-        return np.concatenate(parts, axis=1).astype(np.float32)
+            parts += [paths.bits[k].to(torch.float64) for k in self.layers]
+            parts += [paths.gate_logits[k].to(torch.float64) for k in self.layers]
+        return torch.cat(parts, dim=1).to(torch.float32)
 
     def feature_names(self) -> list[str]:
         names = [f"{s}[{k}]" for s in LAYER_STATS for k in self.layers]
@@ -184,8 +223,7 @@ class PathProfile:
         arrays: dict[str, torch.Tensor] = {}
         for i, lp in enumerate(self.layers.values()):
             for field in ("freq", "mean", "var"):
-                arrays[f"{i}.{field}"] = torch.from_numpy(np.ascontiguousarray(
-                    getattr(lp, field), dtype=np.float64))
+                arrays[f"{i}.{field}"] = getattr(lp, field).contiguous()
             arrays[f"{i}.anomaly"] = torch.tensor([lp.anomaly_mean, lp.anomaly_std],
                                                   dtype=torch.float64)
         return arrays
@@ -196,16 +234,17 @@ class PathProfile:
         """Inverse of :meth:`to_arrays`; ``names`` are the layer names in order."""
         layers = {}
         for i, name in enumerate(names):
-            a = arrays[f"{i}.anomaly"].numpy()
-            layers[name] = LayerProfile(*(arrays[f"{i}.{f}"].numpy() for f in
-                                          ("freq", "mean", "var")), float(a[0]), float(a[1]))
+            a = arrays[f"{i}.anomaly"]
+            layers[name] = LayerProfile(*(arrays[f"{i}.{f}"] for f in ("freq", "mean", "var")),
+                                        float(a[0]), float(a[1]))
         return cls(layers, include_raw)
 
 
-def prediction_stats(logits: np.ndarray) -> np.ndarray:
-    """(N, 3): softmax confidence, top-1 minus top-2 logit, softmax entropy (nats)."""
-    z = logits - logits.max(1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    top2 = np.sort(logits, axis=1)[:, -2:]
-    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
-    return np.stack([p.max(1), top2[:, 1] - top2[:, 0], entropy], axis=1)
+def prediction_stats(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) logits -> (N, 3) float64: softmax confidence, top-1 minus top-2 logit, softmax
+    entropy (nats)."""
+    z = _tensor(logits).to(torch.float64)
+    p = torch.softmax(z, dim=1)
+    top2 = z.topk(2, dim=1).values
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+    return torch.stack([p.max(1).values, top2[:, 0] - top2[:, 1], entropy], dim=1)

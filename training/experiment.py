@@ -144,8 +144,8 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     negatives = [fit.clean_paths] + ([fit.benign.paths] if fit.benign is not None else [])
     n_clean = len(fit.y_clean)
     n_benign = len(fit.benign.y) if fit.benign is not None else 0
-    X = np.concatenate([*(prof.transform(p) for p in negatives),
-                        *(prof.transform(s.paths) for s in advs)])
+    X = torch.cat([*(prof.transform(p) for p in negatives),
+                   *(prof.transform(s.paths) for s in advs)]).numpy()
     y = np.r_[np.zeros(n_clean + n_benign), *(np.ones(len(s.y)) for s in advs)]
     groups = np.r_[np.arange(n_clean), fit.benign.image if fit.benign is not None else [],
                    *(s.image for s in advs)]
@@ -153,7 +153,7 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     detector.fit(X, y, groups=groups, threshold_mask=eligible)  # threshold on clean only
 
     def scores(paths: PathBatch) -> np.ndarray:
-        return detector.predict_proba(prof.transform(paths))[:, 1]
+        return detector.predict_proba(prof.transform(paths).numpy())[:, 1]
 
     t = detector.threshold_
     clean = scores(evaluation.clean_paths)
@@ -169,7 +169,7 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     benign = {}
     for label, paths in shifts.items():
         benign[label] = {"flagged": float((scores(paths) > t).mean()),
-                         "accuracy": float((paths.logits.argmax(1) == y_eval).mean())}
+                         "accuracy": float((paths.logits.argmax(1).numpy() == y_eval).mean())}
     return {
         "clean_fpr": float((clean > t).mean()),
         "attacks": attacks,

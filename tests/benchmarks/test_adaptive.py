@@ -18,14 +18,11 @@ from benchmarks.adaptive import (
     quantize_towards,
 )
 from benchmarks.adaptive import main as adaptive_main
-from benchmarks.surrogate import (
-    TorchPathFeatures,
-    real_verdict,
-    straight_through_gates,
-)
+from detector.analysis import score_paths
 from detector.bundle import Bundle, load_bundle
 from detector.features import PathBatch
 from detector.paths import compute_path
+from detector.straight_through import straight_through_gates
 from training import fit_detector
 from training.data import load_digits, to_float
 
@@ -56,7 +53,9 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
     return to_float(data.x_test[:64]), data.y_test[:64]
 
 
-def test_torch_features_match_numpy_and_bpda_keeps_values(bundle, images) -> None:
+def test_attack_path_scores_as_served_and_bpda_keeps_values(bundle, images) -> None:
+    """The attacker's differentiable path (BPDA gates, straight-through bits) gives exactly the
+    served pipeline's predictions, features and scores."""
     x, _ = images
     with torch.inference_mode():
         plain = compute_path(bundle.model, x)
@@ -66,29 +65,23 @@ def test_torch_features_match_numpy_and_bpda_keeps_values(bundle, images) -> Non
     assert torch.equal(plain.logits, result.logits.detach())  # BPDA changes no forward value
     for name, layer in plain.layers.items():
         assert torch.equal(layer.bits, result.layers[name].bits)
-    feats = TorchPathFeatures(bundle.profile)
-    preds = result.logits.argmax(1)
-    ours = feats(result, preds, ste="semhash").detach().numpy()
-    theirs = bundle.profile.transform(PathBatch.from_result(plain))
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
-    # against another class too (what the attacker scores against)
-    other = (preds + 1) % 10
-    stats = bundle.profile.layer_stats(PathBatch.from_result(plain), other.numpy())
-    np.testing.assert_allclose(feats(result, other).detach().numpy()[:, :len(stats["bit_nll"][0])],
-                               stats["bit_nll"], rtol=1e-4, atol=1e-5)
-    # the real verdict computed from a path is Bundle.analyze's
-    verdict = real_verdict(bundle, plain)
+    attacked = score_paths(bundle.profile, bundle.detector,
+                           PathBatch.from_result(result, ste="semhash"))
+    served = score_paths(bundle.profile, bundle.detector, PathBatch.from_result(plain))
+    torch.testing.assert_close(attacked.features.detach(), served.features, rtol=0, atol=0)
     analysis = bundle.analyze(x)
-    np.testing.assert_array_equal(verdict.predictions, analysis.predictions)
-    np.testing.assert_allclose(verdict.scores, analysis.scores)
-    np.testing.assert_array_equal(verdict.flagged, analysis.flagged)
+    np.testing.assert_array_equal(attacked.predictions.numpy(), analysis.predictions)
+    np.testing.assert_allclose(attacked.scores.numpy(), analysis.scores, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(attacked.flagged.numpy(), analysis.flagged)
+    # the features have a gradient with respect to the input, through bits and gate logits
+    (g,) = torch.autograd.grad(attacked.features.sum(), xg)
+    assert g.abs().sum() > 0
 
 
 def test_gradients_flow_through_gates_and_surrogate(bundle, images) -> None:
     x, y = images
-    feats = TorchPathFeatures(bundle.profile)
     cfg = PGDConfig(eps=0.2, alpha=0.05, steps=4)
-    surrogate, history = fit_attack_surrogate(bundle, feats, x[:32], y[:32], [cfg], [1.0],
+    surrogate, history = fit_attack_surrogate(bundle, x[:32], y[:32], [cfg], [1.0],
                                               kind="mlp", rounds=0, seed=0)
     assert history[0]["points"] == 32 * 5 and 0.0 <= history[0]["holdout_accuracy"] <= 1.0
 
@@ -99,7 +92,11 @@ def test_gradients_flow_through_gates_and_surrogate(bundle, images) -> None:
                 result = compute_path(bundle.model, xg)
         else:
             result = compute_path(bundle.model, xg)
-        score = surrogate(feats(result, result.logits.argmax(1), ste="sigmoid" if bpda else None))
+        paths = PathBatch.from_result(result, ste="sigmoid" if bpda else None)
+        if not bpda:  # the hard bits carry no gradient; the gate logits still do
+            paths = PathBatch(result.logits, paths.bits,
+                              {k: v.logits for k, v in result.layers.items()})
+        score = surrogate(bundle.profile.transform(paths))
         (g,) = torch.autograd.grad(score.sum(), xg)
         return g
 
@@ -111,8 +108,7 @@ def test_gradients_flow_through_gates_and_surrogate(bundle, images) -> None:
 def test_adaptive_pgd_stays_in_the_ball(bundle, images) -> None:
     x, y = images
     cfg = PGDConfig(eps=0.1, alpha=0.03, steps=5)
-    res = adaptive_pgd(bundle, TorchPathFeatures(bundle.profile), None, x[:16], y[:16], cfg,
-                       [0.0], batch_size=7)
+    res = adaptive_pgd(bundle, None, x[:16], y[:16], cfg, [0.0], batch_size=7)
     assert (res.x_adv - x[:16]).abs().max() <= 0.1 + 1e-6
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     analysis = bundle.analyze(res.x_adv)

@@ -1,9 +1,13 @@
-"""Path features (PathProfile, prediction_stats) on a small hand-built path: 2 layers, 3 classes."""
+"""Path features (PathProfile, prediction_stats) on a small hand-built path: 2 layers, 3 classes.
+
+The features are torch; the expected values are computed by hand (loops over Python floats).
+"""
 
 import math
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from detector.features import (
@@ -36,13 +40,12 @@ def profile():
 def paths():
     """Four inputs; predicted classes 0, 1, 2, 0."""
     return PathBatch(
-        logits=np.array([[3.0, 1.0, 0.0], [0.0, 2.0, -1.0], [0.5, 0.0, 1.5], [1.0, 0.9, 0.0]]),
-        bits={"a": np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=np.float32),
-              "b": np.array([[1, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)},
-        gate_logits={"a": np.array([[1.2, -0.8, 0.4], [-1.5, 0.7, -0.2], [0.3, 0.1, 2.5],
-                                    [-0.9, 1.1, -0.6]], dtype=np.float32),
-                     "b": np.array([[0.6, -0.3], [-1.8, 1.4], [0.9, -1.2], [0.2, 0.1]],
-                                   dtype=np.float32)},
+        logits=torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, -1.0], [0.5, 0.0, 1.5], [1.0, 0.9, 0.0]]),
+        bits={"a": torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 1], [0, 1, 0]]),
+              "b": torch.tensor([[1.0, 0], [0, 1], [1, 0], [1, 1]])},
+        gate_logits={"a": torch.tensor([[1.2, -0.8, 0.4], [-1.5, 0.7, -0.2], [0.3, 0.1, 2.5],
+                                        [-0.9, 1.1, -0.6]]),
+                     "b": torch.tensor([[0.6, -0.3], [-1.8, 1.4], [0.9, -1.2], [0.2, 0.1]])},
     )
 
 
@@ -61,7 +64,7 @@ def test_layer_stats_shapes(profile, paths):
     assert set(stats) == set(LAYER_STATS)
     for value in stats.values():
         assert value.shape == (4, 2)
-        assert np.isfinite(value).all()
+        assert value.dtype == torch.float64 and torch.isfinite(value).all()
 
 
 @pytest.mark.parametrize("classes", [[0, 1, 2, 0], [2, 2, 1, 1]])
@@ -69,7 +72,7 @@ def test_bit_nll_and_logit_dist_match_hand_computation(profile, paths, classes):
     stats = profile.layer_stats(paths, np.array(classes))
     layers = {"a": (FREQ_A, MEAN_A, VAR_A), "b": (FREQ_B, MEAN_B, VAR_B)}
     for j, (name, (freq, mean, var)) in enumerate(layers.items()):
-        bits, g = paths.bits[name], paths.gate_logits[name].astype(np.float64)
+        bits, g = paths.bits[name].tolist(), paths.gate_logits[name].double().numpy()
         for i, k in enumerate(classes):
             assert stats["bit_nll"][i, j] == pytest.approx(hand_nll(bits[i], freq[k]))
             assert stats["logit_dist"][i, j] == pytest.approx(hand_dist(g[i], mean[k], var[k]))
@@ -78,7 +81,7 @@ def test_bit_nll_and_logit_dist_match_hand_computation(profile, paths, classes):
             assert stats["bit_excess"][i, j] == pytest.approx(nll_all[k] - min(nll_all))
             assert stats["logit_excess"][i, j] == pytest.approx(dist_all[k] - min(dist_all))
             assert stats["margin"][i, j] == pytest.approx(np.abs(g[i]).mean())
-            assert stats["open"][i, j] == pytest.approx(bits[i].mean())
+            assert stats["open"][i, j] == pytest.approx(sum(bits[i]) / len(bits[i]))
 
 
 def test_first_input_bit_nll_by_hand(profile, paths):
@@ -94,7 +97,7 @@ def test_excess_is_nonnegative_and_zero_for_the_best_class(profile, paths):
     for j, name in enumerate(("a", "b")):
         freq = {"a": FREQ_A, "b": FREQ_B}[name]
         best = np.array([np.argmin([hand_nll(b, freq[c]) for c in range(3)])
-                         for b in paths.bits[name]])
+                         for b in paths.bits[name].tolist()])
         stats = profile.layer_stats(paths, best)
         np.testing.assert_allclose(stats["bit_excess"][:, j], 0.0, atol=1e-12)
     # input 0 (bits a = 1,0,1) is explained best by class 0, worse by class 1
@@ -123,7 +126,7 @@ def test_transform_matches_feature_names(profile, paths, raw):
     features = prof.transform(paths)
     names = prof.feature_names()
     n_stats = len(LAYER_STATS) * 2 + len(GLOBAL_STATS)
-    assert features.dtype == np.float32
+    assert features.dtype == torch.float32
     assert features.shape == (4, len(names))
     assert len(names) == n_stats + (2 * (3 + 2) if raw else 0)
     assert len(set(names)) == len(names)
@@ -158,7 +161,7 @@ def test_fit_learns_smoothed_frequencies_and_class_means(paths):
     dist = prof.layer_stats(paths, labels)["logit_dist"]
     for j, lp in enumerate(prof.layers.values()):
         assert lp.anomaly_mean == pytest.approx(dist[:, j].mean())
-        assert lp.anomaly_std == pytest.approx(dist[:, j].std() + 1e-6)
+        assert lp.anomaly_std == pytest.approx(float(dist[:, j].std(unbiased=False)) + 1e-6)
 
 
 def test_fitted_anomaly_is_a_z_score_on_clean_paths():
@@ -172,7 +175,7 @@ def test_fitted_anomaly_is_a_z_score_on_clean_paths():
     z = prof.anomaly(prof.layer_stats(paths, labels))
     assert z.shape == (n, 1)
     assert z.mean() == pytest.approx(0.0, abs=1e-6)
-    assert z.std() == pytest.approx(1.0, abs=1e-3)
+    assert z.std(unbiased=False) == pytest.approx(1.0, abs=1e-3)
     # a path far from its class's typical gate logits is anomalous
     far = PathBatch(logits=np.eye(3)[[0]], bits={"x": np.ones((1, 4), np.float32)},
                     gate_logits={"x": np.full((1, 4), 6.0, np.float32)})
@@ -224,7 +227,7 @@ def test_concat_and_len(paths):
 def test_fitted_profile_survives_storage_exactly(paths):
     """A profile fitted on float32 paths scores exactly like its stored and reloaded copy."""
     prof = PathProfile.fit(paths, np.array([0, 1, 2, 0]), num_classes=3)
-    assert all(getattr(lp, f).dtype == np.float64 for lp in prof.layers.values()
+    assert all(getattr(lp, f).dtype == torch.float64 for lp in prof.layers.values()
                for f in ("freq", "mean", "var"))
     back = PathProfile.from_arrays(prof.layer_names, prof.to_arrays(), include_raw=False)
     np.testing.assert_array_equal(back.transform(paths), prof.transform(paths))
