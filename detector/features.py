@@ -39,6 +39,7 @@ from detector.straight_through import straight_through
 LAYER_STATS = ("bit_nll", "bit_excess", "hamming", "logit_dist", "logit_excess", "margin", "open")
 GLOBAL_STATS = ("confidence", "logit_margin", "entropy")
 _EPS = 1e-6
+_CHUNK_ELEMENTS = 1 << 22  # (rows, K, D) float64 intermediates of layer_stats: 32 MB at most
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -121,6 +122,21 @@ class PathProfile:
     def __init__(self, layers: dict[str, LayerProfile], include_raw: bool = False) -> None:
         self.layers = layers
         self.include_raw = include_raw
+        # every layer side by side, so that scoring is a few tensor operations, not a few per
+        # layer (small batches are dominated by per-operation overhead): (K, D), D = sum of C
+        freq = torch.cat([lp.freq for lp in layers.values()], dim=1)
+        self._log_freq, self._log1m_freq = torch.log(freq), torch.log1p(-freq)
+        self._majority = (freq > 0.5).to(torch.float64)
+        self._mean = torch.cat([lp.mean for lp in layers.values()], dim=1)
+        self._inv_var = 1.0 / torch.cat([lp.var for lp in layers.values()], dim=1)
+        # (D, L): averages each layer's filters
+        sizes = [lp.freq.shape[1] for lp in layers.values()]
+        self._layer_mean = torch.block_diag(*(torch.full((c, 1), 1.0 / c, dtype=torch.float64)
+                                              for c in sizes))
+        self._anomaly_mean = torch.tensor([lp.anomaly_mean for lp in layers.values()],
+                                          dtype=torch.float64)
+        self._anomaly_std = torch.tensor([lp.anomaly_std for lp in layers.values()],
+                                         dtype=torch.float64)
 
     @classmethod
     def fit(cls, paths: PathBatch, labels: ArrayLike, num_classes: int,
@@ -149,13 +165,10 @@ class PathProfile:
             floor = max(float(torch.quantile(var.flatten(), 0.5)) * 0.01, _EPS)  # numpy's median
             layers[name] = LayerProfile(torch.stack(k_freq), torch.stack(k_mean),
                                         var.clamp_min(floor), 0.0, 1.0)
-        profile = cls(layers, include_raw)
-        dist = profile.layer_stats(paths, labels)["logit_dist"]  # (N, L)
-        for j, name in enumerate(layers):
-            lp = layers[name]
-            layers[name] = LayerProfile(lp.freq, lp.mean, lp.var, float(dist[:, j].mean()),
-                                        float(dist[:, j].std(unbiased=False)) + _EPS)
-        return profile
+        dist = cls(layers, include_raw).layer_stats(paths, labels)["logit_dist"]  # (N, L)
+        return cls({name: LayerProfile(lp.freq, lp.mean, lp.var, float(dist[:, j].mean()),
+                                       float(dist[:, j].std(unbiased=False)) + _EPS)
+                    for j, (name, lp) in enumerate(layers.items())}, include_raw)
 
     @property
     def layer_names(self) -> list[str]:
@@ -167,30 +180,34 @@ class PathProfile:
         Differentiable in the bits and gate logits of ``paths``.
         """
         classes = _tensor(classes).long()
+        b = torch.cat([paths.bits[k] for k in self.layers], dim=1).to(torch.float64)  # (N, D)
+        g = torch.cat([paths.gate_logits[k] for k in self.layers], dim=1).to(torch.float64)
+        k, d = self._mean.shape
+        rows = max(1, _CHUNK_ELEMENTS // (k * d))  # bounds the (rows, K, D) intermediates
+        parts = [self._stats(b[i:i + rows], g[i:i + rows], classes[i:i + rows])
+                 for i in range(0, len(b), rows)]
+        return {s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
+
+    def _stats(self, b: torch.Tensor, g: torch.Tensor, classes: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """b, g: (N, D) bits and gate logits of every layer; classes (N,) -> (N, L) stats."""
+        avg = self._layer_mean  # (D, L)
         rows = torch.arange(len(classes))
-        out: dict[str, list[torch.Tensor]] = {s: [] for s in LAYER_STATS}
-        for name, lp in self.layers.items():
-            b = paths.bits[name].to(torch.float64)  # (N, C)
-            g = paths.gate_logits[name].to(torch.float64)
-            c = b.shape[1]
-            nll_all = -(b @ torch.log(lp.freq).T + (1 - b) @ torch.log1p(-lp.freq).T) / c  # (N, K)
-            dist_all = ((g[:, None, :] - lp.mean[None]) ** 2 / lp.var[None]).mean(-1)  # (N, K)
-            majority = (lp.freq[classes] > 0.5).to(torch.float64)  # (N, C)
-            nll, dist = nll_all[rows, classes], dist_all[rows, classes]
-            out["bit_nll"].append(nll)
-            out["bit_excess"].append(nll - nll_all.min(1).values)
-            out["hamming"].append((b + majority - 2 * b * majority).mean(1))  # b != majority
-            out["logit_dist"].append(dist)
-            out["logit_excess"].append(dist - dist_all.min(1).values)
-            out["margin"].append(g.abs().mean(1))
-            out["open"].append(b.mean(1))
-        return {s: torch.stack(v, dim=1) for s, v in out.items()}
+        nll_all = -(b[:, None] * self._log_freq + (1 - b[:, None]) * self._log1m_freq) @ avg
+        dist_all = ((g[:, None] - self._mean) ** 2 * self._inv_var) @ avg  # (N, K, L)
+        majority = self._majority[classes]  # (N, D)
+        nll, dist = nll_all[rows, classes], dist_all[rows, classes]  # (N, L)
+        return {"bit_nll": nll,
+                "bit_excess": nll - nll_all.min(1).values,
+                "hamming": (b + majority - 2 * b * majority) @ avg,  # share of b != majority
+                "logit_dist": dist,
+                "logit_excess": dist - dist_all.min(1).values,
+                "margin": g.abs() @ avg,
+                "open": b @ avg}
 
     def anomaly(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(N, L) per-layer anomaly z-scores from :meth:`layer_stats` output."""
-        mean = torch.tensor([lp.anomaly_mean for lp in self.layers.values()], dtype=torch.float64)
-        std = torch.tensor([lp.anomaly_std for lp in self.layers.values()], dtype=torch.float64)
-        return (stats["logit_dist"] - mean) / std
+        return (stats["logit_dist"] - self._anomaly_mean) / self._anomaly_std
 
     def transform(self, paths: PathBatch,
                   stats: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
