@@ -67,7 +67,7 @@ from benchmarks.activations import (  # noqa: E402
 from benchmarks.lid import LIDFeatures, noisy_like  # noqa: E402
 from benchmarks.mahalanobis import LEE_EPSILONS, LayerMahalanobis  # noqa: E402
 from detector.checkpoint import ModelSpec, load_checkpoint  # noqa: E402
-from detector.estimator import PathDetector, make_inner  # noqa: E402
+from detector.estimator import PathDetector, make_inner, threshold_at_fpr  # noqa: E402
 from detector.features import PathProfile  # noqa: E402
 from detector.paths import compute_path  # noqa: E402
 from training.data import load_dataset, to_float  # noqa: E402
@@ -247,9 +247,7 @@ def fit_logistic(X: np.ndarray, side: FitSide, target_fpr: float, seed: int
     def scores(features: np.ndarray) -> np.ndarray:
         return model.predict_proba(features)[:, 1]
 
-    clean = scores(X[hold])
-    threshold = float(np.quantile(clean, 1.0 - target_fpr, method="higher"))
-    return scores, threshold, float((clean > threshold).mean())
+    return scores, *threshold_at_fpr(scores(X[hold]), target_fpr)
 
 
 def grouped_cv_auroc(X: np.ndarray, side: FitSide, folds: int = 3) -> float:

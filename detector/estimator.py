@@ -23,6 +23,18 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 INNER_MODELS = ("logistic", "random_forest", "hist_gb")
 
 
+def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float) -> tuple[float, float]:
+    """The decision threshold that flags at most ``target_fpr`` of clean samples.
+
+    clean_scores: (N,) scores of clean samples, higher = more adversarial; target_fpr in (0, 1).
+    Returns the threshold (the ``1 - target_fpr`` quantile, rounded up to an observed score;
+    a sample is flagged when its score is strictly above it) and the share of ``clean_scores``
+    it flags (the realised FPR, <= target_fpr).
+    """
+    threshold = float(np.quantile(clean_scores, 1.0 - target_fpr, method="higher"))
+    return threshold, float((np.asarray(clean_scores) > threshold).mean())
+
+
 def make_inner(name: str, random_state: int | None) -> Pipeline:
     """Scaler + the named inner classifier; ValueError naming an unknown name."""
     if name == "logistic":
@@ -113,9 +125,7 @@ class PathDetector(ClassifierMixin, BaseEstimator):
                                                  cv=max(2, min(3, n_min)), ensemble=False)
         self.estimator_.fit(X[fit_idx], positive[fit_idx].astype(int))
         clean_scores = self.estimator_.predict_proba(X[hold_idx])[:, 1]
-        self.threshold_ = float(np.quantile(clean_scores, 1.0 - self.target_fpr,
-                                            method="higher"))
-        self.clean_fpr_ = float((clean_scores > self.threshold_).mean())
+        self.threshold_, self.clean_fpr_ = threshold_at_fpr(clean_scores, self.target_fpr)
         return self
 
     def _split(self, positive: np.ndarray, groups: np.ndarray | None,

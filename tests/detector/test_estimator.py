@@ -5,7 +5,7 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from detector.estimator import INNER_MODELS, PathDetector, make_inner
+from detector.estimator import INNER_MODELS, PathDetector, make_inner, threshold_at_fpr
 
 # Principled deviations from the generic classifier checks (xfail, strict: they must fail).
 EXPECTED_FAILED = {
@@ -202,3 +202,17 @@ def test_threshold_mask_keeps_the_threshold_on_eligible_clean_samples():
     assert det.predict(fresh_clean).mean() == pytest.approx(0.1, abs=0.05)
     with pytest.raises(ValueError, match="threshold_mask"):
         PathDetector().fit(X, y, threshold_mask=eligible[:10])
+
+
+@pytest.mark.parametrize("scores,fpr,threshold,realised", [
+    # 20 clean scores 0.00 .. 0.95: the 95 % quantile rounded up to a score is 0.95, none above
+    (np.arange(20) / 20, 0.05, 0.95, 0.0),
+    # at 10 %: 0.90, one of 20 above it
+    (np.arange(20) / 20, 0.10, 0.90, 0.05),
+    # ties: the threshold is a score, and only scores strictly above it are flagged
+    (np.array([0.1, 0.5, 0.5, 0.5, 0.9]), 0.5, 0.5, 0.2),
+])
+def test_threshold_at_fpr_by_hand(scores, fpr, threshold, realised):
+    got, fraction = threshold_at_fpr(scores, fpr)
+    assert got == pytest.approx(threshold) and fraction == pytest.approx(realised)
+    assert fraction <= fpr
