@@ -3,22 +3,12 @@ torchattacks (checked on the source, without importing anything)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import service
+from tests.source_imports import imported_modules
 
 FORBIDDEN = ("training", "torchattacks")
-
-
-def imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-    return names
 
 
 def test_service_does_not_import_training_or_torchattacks():
