@@ -5,7 +5,9 @@ Attack specs are strings ``name`` or ``name:eps`` with eps absolute or a fractio
 (``pgd:8/255``). Implemented names (L-inf unless noted):
 
 - ``fgsm``: Goodfellow et al. 2015, one signed-gradient step of size eps;
-- ``pgd``: Madry et al. 2018, 20 steps of eps/8 from a random start;
+- ``pgd``: Madry et al. 2018, 20 steps of eps/8 from a random start (these two are
+  :mod:`detector.perturb`'s, which the server's perturb demo uses too; they match
+  torchattacks' FGSM and PGD step for step);
 - ``bim``: Kurakin et al. 2017, 20 steps of eps/10, no random start;
 - ``cw``: Carlini & Wagner 2017, L2, c=1, kappa=0, 100 Adam steps (lr 0.01) — minimal
   perturbation, no eps;
@@ -16,13 +18,17 @@ Attack specs are strings ``name`` or ``name:eps`` with eps absolute or a fractio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import torch
 import torchattacks
 from torch import nn
 from tqdm import tqdm
+
+from detector import perturb
 
 NEEDS_EPS = {"fgsm", "pgd", "bim", "square"}
 ATTACKS = (*sorted(NEEDS_EPS), "cw", "deepfool")
@@ -61,14 +67,15 @@ class AttackSpec:
         return cls(name, eps, eps_text)
 
 
+Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def make_attack(spec: AttackSpec, model: nn.Module, seed: int = 0,
-                square_queries: int = 1000) -> torchattacks.attack.Attack:
-    """The torchattacks object for ``spec`` on ``model``."""
+                square_queries: int = 1000) -> Attack:
+    """``spec`` on ``model``: a function (images, labels) -> adversarial images."""
     eps = spec.eps or 0.0
-    if spec.name == "fgsm":
-        return torchattacks.FGSM(model, eps=eps)
-    if spec.name == "pgd":
-        return torchattacks.PGD(model, eps=eps, alpha=eps / 8, steps=20, random_start=True)
+    if spec.name in perturb.GRADIENT_ATTACKS:
+        return partial(perturb.perturb, spec.name, model, eps=eps)
     if spec.name == "bim":
         return torchattacks.BIM(model, eps=eps, alpha=eps / 10, steps=20)
     if spec.name == "cw":

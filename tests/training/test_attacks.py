@@ -88,3 +88,21 @@ def test_craft_on_no_images_returns_an_empty_copy(model_and_images):
     model, x, y = model_and_images
     adv = craft(AttackSpec.parse("fgsm:0.1"), model, x[:0], y[:0], progress=False)
     assert adv.shape == (0, *x.shape[1:])
+
+
+@pytest.mark.parametrize("text", ["fgsm:0.2", "pgd:0.1"])
+def test_fgsm_and_pgd_are_torchattacks_bit_for_bit(model_and_images, text):
+    """training's FGSM and PGD are detector.perturb's (torch only, so the server can use them
+    without the train extra); they give torchattacks' images exactly, random start included,
+    so results crafted with torchattacks before are reproduced."""
+    import torchattacks
+
+    model, x, y = model_and_images
+    spec = AttackSpec.parse(text)
+    ours = craft(spec, model, x, y, seed=5, progress=False)
+    reference = (torchattacks.FGSM(model, eps=spec.eps) if spec.name == "fgsm" else
+                 torchattacks.PGD(model, eps=spec.eps, alpha=spec.eps / 8, steps=20,
+                                  random_start=True))
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours, reference(x, y).clamp(0, 1), rtol=0, atol=0)
+    assert all(p.grad is None for p in model.parameters())
