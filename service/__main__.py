@@ -1,9 +1,10 @@
 """``python -m service``: serve the detector with uvicorn.
 
 Settings come from ``PATHGUARD_*`` environment variables or a ``.env`` file in the working
-directory (see :class:`service.config.Settings`, or ``python -m service --help``). The bundle
-is checked before the server starts; without a usable one the command exits with status 2 and
-says how to build one.
+directory (see :class:`service.config.Settings`, or ``python -m service --help``); the
+command-line flags ``--host``, ``--port``, ``--bundle``, ``--workers`` and ``--log-level``
+override them, as with other uvicorn-style servers. The bundle is checked before the server
+starts; without a usable one the command exits with status 2 and says how to build one.
 
 Slow and idle clients: request heads have ``header_timeout`` seconds (:mod:`service.protocol`),
 bodies ``body_timeout`` (:mod:`service.limits`), idle keep-alive connections
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import signal
 import sys
 import threading
@@ -80,16 +82,35 @@ def _sigterm_after_shutdown_is_clean() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: list[str] | None = None) -> int:
+#: Command-line flags: setting name -> (flag, metavar). Each overrides its PATHGUARD_ variable.
+FLAGS = {"host": ("--host", "HOST"), "port": ("--port", "PORT"), "bundle": ("--bundle", "DIR"),
+         "workers": ("--workers", "N"), "log_level": ("--log-level", "LEVEL")}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service", description="Serve the adversarial-example detector.",
+        prog="python -m service", description="Serve the adversarial-example detector. Flags "
+        "override the environment variables and the .env file listed below.",
         epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    for name, (flag, metavar) in FLAGS.items():
+        field = Settings.model_fields[name]
+        parser.add_argument(flag, dest=name, metavar=metavar, default=None,
+                            help=f"{field.description} (else {ENV_PREFIX}{name.upper()}, "
+                                 f"default: {field.get_default()})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {name: value for name, value in vars(args).items() if value is not None}
     try:
-        settings = Settings()
+        settings = Settings(**overrides)
     except ValidationError as e:
         sys.stderr.write(f"python -m service: invalid settings:\n{e}\n")
         return 2
+    if settings.workers > 1:  # worker processes build their settings from the environment
+        for name in overrides:
+            os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(getattr(settings, name))
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

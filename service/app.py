@@ -31,16 +31,18 @@ from detector.bundle import Bundle, BundleError, load_bundle
 from detector.execution import ExecutionPlan, fixed_plan, plan_execution
 from service.batching import BatcherFactory, MicroBatcher
 from service.config import Settings, bundle_help
-from service.deps import ServiceState
+from service.deps import PerturbState, ServiceState
 from service.errors import install_error_handlers
 from service.imaging import decode_image
-from service.limits import BodyLimits
+from service.limits import BodyLimits, RateLimit
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.oip_routes import health, v2, v2_keyed
 from service.openapi import install_schemas
+from service.perturb import perturb_router, suggested_eps
 from service.results import ModelCard
 from service.routes import images, metrics_router
 from service.schemas import InferRequest
+from service.web import page
 
 log = logging.getLogger("service")
 
@@ -76,7 +78,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
     app.state.preloaded = bundle
     app.state.batcher_factory = batcher
     install_error_handlers(app)
-    routers = (images, health, v2, v2_keyed, metrics_router)
+    routers = (page, images, *((perturb_router,) if settings.perturb else ()), health, v2,
+               v2_keyed, metrics_router)
     for router in routers:
         app.include_router(router)
     _answer_head(app, routers)
@@ -168,14 +171,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings=settings, bundle=bundle, card=card, batcher=batcher,
                              execution=plan,
                              decode_limiter=anyio.CapacityLimiter(settings.decode_workers))
+        if settings.perturb:
+            state.perturb = PerturbState(
+                rate=RateLimit(settings.perturb_per_minute), limiter=anyio.CapacityLimiter(1),
+                default_eps=suggested_eps(bundle, settings.perturb_max_eps))
         app.state.service = state
         state.ready = True
         log.info("ready: model %s version %s from %s (input %s, %d classes, threshold %.3f at "
-                 "target FPR %.3f; %d inference thread(s), micro-batching %s)", card.name,
-                 card.version, settings.bundle, "x".join(map(str, card.input_shape)),
+                 "target FPR %.3f; %d inference thread(s), micro-batching %s; perturb demo %s)",
+                 card.name, card.version, settings.bundle, "x".join(map(str, card.input_shape)),
                  len(card.labels), card.threshold, card.target_fpr,
                  settings.inference_threads,
-                 f"up to {settings.max_batch_size}" if settings.micro_batch else "off")
+                 f"up to {settings.max_batch_size}" if settings.micro_batch else "off",
+                 f"on, {settings.perturb_per_minute}/min" if settings.perturb else "off")
         try:
             yield
         finally:

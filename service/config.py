@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="also require the API key for "
                                       "/metrics")
 
+    perturb: bool = Field(False, description="serve POST /perturb and the web page's "
+                          "'perturb it' control: an FGSM or PGD copy of an uploaded image, "
+                          "crafted on the server (CPU: PGD is 20 forward and backward passes)")
+    perturb_per_minute: int = Field(10, ge=1, description="most /perturb requests per minute "
+                                    "per process (one at a time); beyond it 429")
+    perturb_max_eps: float = Field(0.3, gt=0.0, le=1.0, description="largest L-inf "
+                                   "perturbation /perturb accepts (pixel values in [0, 1])")
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, value: object) -> object:

@@ -21,8 +21,19 @@ from service.auth import API_KEY_HEADER, check_key
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import ApiError, shorten
+from service.limits import RateLimit
 from service.metrics import Metrics
 from service.results import ModelCard
+
+
+@dataclass
+class PerturbState:
+    """The perturb demo's machinery (with ``PATHGUARD_PERTURB`` on): its rate limit, one
+    crafting thread at a time, and the eps used when a request gives none."""
+
+    rate: RateLimit
+    limiter: anyio.CapacityLimiter
+    default_eps: float
 
 
 @dataclass
@@ -35,6 +46,7 @@ class ServiceState:
     batcher: Batcher
     execution: ExecutionPlan
     decode_limiter: anyio.CapacityLimiter
+    perturb: PerturbState | None = None
     ready: bool = False
 
 

@@ -9,11 +9,17 @@
   job: :mod:`service.protocol`.)
 
 Both answer with the usual JSON error body and ``Connection: close``.
+
+:class:`RateLimit` bounds how often an expensive route may run (``/perturb``: 429
+``rate_limited`` with ``Retry-After``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,3 +96,36 @@ async def _send_error(exc: ApiError, scope: Scope, receive: Receive, send: Send)
     response = JSONResponse(error_body(str(exc.detail), exc.code), status_code=exc.status_code,
                             headers=exc.headers)
     await response(scope, receive, send)
+
+
+class RateLimit:
+    """A token bucket: ``per_minute`` requests a minute on average, bursts of at most that many.
+
+    Not thread-safe: use it from the event loop only.
+    """
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute < 1:
+            raise ValueError(f"per_minute must be >= 1, got {per_minute}")
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0  # tokens per second
+        self.clock = clock
+        self.tokens = self.capacity
+        self.last = clock()
+
+    def take(self) -> float:
+        """0.0 if a request may run now (it is counted), else the seconds until one may."""
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+def rate_limited(what: str, per_minute: int, wait_s: float) -> ApiError:
+    """429 ``rate_limited`` with ``Retry-After`` (whole seconds, at least 1)."""
+    retry = max(1, math.ceil(wait_s))
+    return ApiError(429, "rate_limited", f"{what} is limited to {per_minute} requests a minute "
+                    f"on this server; retry in {retry} s", headers={"Retry-After": str(retry)})

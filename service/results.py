@@ -8,10 +8,12 @@ import numpy as np
 
 from detector.analysis import Analysis
 from detector.bundle import WEIGHTS, Bundle
+from detector.features import PathProfile
 from service.imaging import DecodedImage
 from service.schemas import (
     Adversarial,
     ClassScore,
+    FilterReport,
     ImageResult,
     InputReport,
     LayerReport,
@@ -66,14 +68,29 @@ def prediction(card: ModelCard, probs: np.ndarray, top_k: int) -> Prediction:
                for k in order])
 
 
+def filter_reports(analysis: Analysis, row: int, profile: PathProfile) -> list[FilterReport]:
+    """Per gated layer (execution order): image ``row``'s filter states and the predicted
+    class's frequency of each (4 decimals)."""
+    predicted = int(analysis.predictions[row])
+    return [FilterReport(open=bits.tolist(),
+                         class_frequency=np.round(
+                             profile.layers[name].freq[predicted].numpy(), 4).tolist())
+            for name, bits in analysis.layer_bits(row).items()]
+
+
 def image_result(card: ModelCard, analysis: Analysis, row: int, decoded: DecodedImage,
-                 filename: str | None, *, top_k: int, layers: bool) -> ImageResult:
-    """The response for image ``row`` of ``analysis`` (decoded from ``decoded``)."""
+                 filename: str | None, *, top_k: int, layers: bool,
+                 filters: PathProfile | None = None) -> ImageResult:
+    """The response for image ``row`` of ``analysis`` (decoded from ``decoded``); with
+    ``filters`` (the bundle's profile) each layer lists its filters (needs ``layers``)."""
     anomaly = analysis.layer_anomaly[row]  # (L,)
     report = None
     if layers:
-        report = [LayerReport(name=analysis.layer_names[j], open=int(analysis.layer_open[row, j]),
-                              total=int(analysis.layer_filters[j]), anomaly=float(anomaly[j]))
+        per_filter = filter_reports(analysis, row, filters) if filters is not None else None
+        report = [LayerReport(name=analysis.layer_names[j], depth=int(j),
+                              open=int(analysis.layer_open[row, j]),
+                              total=int(analysis.layer_filters[j]), anomaly=float(anomaly[j]),
+                              filters=None if per_filter is None else per_filter[j])
                   for j in np.argsort(-anomaly, kind="stable")]
     score = float(analysis.scores[row])
     flagged = bool(analysis.flagged[row])

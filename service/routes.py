@@ -41,6 +41,9 @@ DECODE_STATUS = {
 TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to list (capped at "
                                                        "the number of classes)")]
 Layers = Annotated[bool, Query(description="include the per-layer path report")]
+Filters = Annotated[bool, Query(description="with layers: each layer's filters, open or "
+                                            "closed, and how often the predicted class opens "
+                                            "each (the path as a picture needs them)")]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -100,6 +103,7 @@ async def classify(
     file: Annotated[UploadFile, File(description="PNG, JPEG, WebP or BMP image")],
     top_k: TopK = 5,
     layers: Layers = True,
+    filters: Filters = False,
 ) -> ClassifyResponse:
     """Classify one image and judge whether it is adversarial, with its computation path."""
     start = time.perf_counter()
@@ -108,7 +112,8 @@ async def classify(
     result = await analyze(service, torch.from_numpy(decoded.array)[None])  # (1, C, H, W)
     card = service.card
     body = image_result(card, result.analysis, 0, decoded, file.filename,
-                        top_k=min(top_k, len(card.labels)), layers=layers)
+                        top_k=min(top_k, len(card.labels)), layers=layers,
+                        filters=service.bundle.profile if filters else None)
     return ClassifyResponse(model=card.ref, timing=_timing(start, decode_s, result), **dict(body))
 
 
@@ -118,6 +123,7 @@ async def classify_batch(
     files: Annotated[list[UploadFile], File(description="images, field name 'files' for each")],
     top_k: TopK = 5,
     layers: Layers = True,
+    filters: Filters = False,
 ) -> BatchResponse:
     """Classify several images in one forward pass; results in upload order."""
     start = time.perf_counter()
@@ -131,7 +137,9 @@ async def classify_batch(
     result = await analyze(service, batch)
     card = service.card
     k = min(top_k, len(card.labels))
-    results = [image_result(card, result.analysis, i, d, f.filename, top_k=k, layers=layers)
+    profile = service.bundle.profile if filters else None
+    results = [image_result(card, result.analysis, i, d, f.filename, top_k=k, layers=layers,
+                            filters=profile)
                for i, (d, f) in enumerate(zip(decoded, files, strict=True))]
     return BatchResponse(model=card.ref, results=results,
                          timing=_timing(start, decode_s, result))

@@ -54,12 +54,27 @@ class Adversarial(BaseModel):
                                     "held-out clean data")
 
 
+class FilterReport(BaseModel):
+    """Every filter of one gated layer, by filter index (with ``filters=true``)."""
+
+    open: list[bool] = Field(description="each filter's gate for this input (true = open)")
+    class_frequency: list[float] = Field(
+        description="the predicted class's typical path: share of its clean training images "
+                    "that open each filter (smoothed, in (0, 1)); a filter is unusual for the "
+                    "class when its state here is rare there: open with a low frequency, or "
+                    "closed with a high one")
+
+
 class LayerReport(BaseModel):
     name: str = Field(description="module path of the gated conv in the network")
+    depth: int = Field(ge=0, description="position of the layer among the gated layers in "
+                       "execution order (0 = first)")
     open: int = Field(ge=0, description="filters the gates left open for this input")
     total: int = Field(ge=1, description="filters of the layer")
     anomaly: float = Field(description="z-score of the layer's path against the predicted "
                            "class's typical path on clean data (above ~3 is unusual)")
+    filters: FilterReport | None = Field(None, description="every filter's state and its "
+                                         "class frequency (only with filters=true)")
 
 
 class PathReport(BaseModel):
@@ -111,6 +126,59 @@ class BatchResponse(BaseModel):
     model: ModelRef
     results: list[ImageResult] = Field(description="one per uploaded file, in upload order")
     timing: Timing
+
+
+# --- perturb demo and web page --------------------------------------------------------------
+
+
+class AttackReport(BaseModel):
+    name: Literal["fgsm", "pgd"] = Field(description="the attack: FGSM (one step) or PGD (20 "
+                                         "steps of eps/8 from a random start), L-inf")
+    eps: float = Field(description="the L-inf budget asked for (pixel values in [0, 1])")
+    attacked_class: ClassScore = Field(description="the class the attack pushed away from: "
+                                       "the original image's prediction")
+    linf: float = Field(description="largest pixel change of the perturbed image as returned "
+                        "(rounded to 8 bits, within eps)")
+    prediction_changed: bool = Field(description="the perturbed image's prediction differs")
+
+
+class PerturbTiming(BaseModel):
+    craft_ms: float = Field(description="crafting the perturbed image")
+    total_ms: float = Field(description="in the handler, end to end")
+
+
+class PerturbResponse(BaseModel):
+    model: ModelRef
+    attack: AttackReport
+    original: ImageResult = Field(description="the uploaded image, as /classify reports it")
+    perturbed: ImageResult = Field(description="its perturbed copy, scored as the PNG in "
+                                   "'image' holds it")
+    image: str = Field(description="the perturbed image as a data: URL of a PNG at the "
+                       "model's input size; uploading it to /classify gives 'perturbed' again")
+    timing: PerturbTiming
+
+
+class PerturbSettings(BaseModel):
+    enabled: bool = Field(description="whether POST /perturb is served (PATHGUARD_PERTURB)")
+    attacks: list[str] = Field(description="attacks it offers")
+    max_eps: float = Field(description="largest eps it accepts")
+    default_eps: float = Field(description="eps used when none is given: the strength the "
+                               "bundle's detector was evaluated at, capped at max_eps")
+    per_minute: int = Field(description="requests a minute it serves")
+
+
+class Sample(BaseModel):
+    label: str = Field(description="the image's true class")
+    url: str = Field(description="where to fetch the PNG")
+
+
+class PageConfig(BaseModel):
+    """What the web page needs before its first request."""
+
+    key_required: bool = Field(description="the API routes need an X-API-Key header")
+    perturb: PerturbSettings
+    samples: list[Sample] = Field(description="test images of the served model's data set "
+                                  "(empty if the package has none for it)")
 
 
 # --- Open Inference Protocol -----------------------------------------------------------------
@@ -203,6 +271,7 @@ ERROR_DESCRIPTIONS = {
     415: "not an image, or an image format other than PNG, JPEG, WebP, BMP (codes "
          "not_an_image, unsupported_format)",
     422: "a well-formed body or query with missing or invalid fields (code validation_error)",
+    429: "too many /perturb requests (code rate_limited)",
     503: "queue full, or the model not loaded yet (codes overloaded, not_ready)",
 }
 
@@ -210,6 +279,8 @@ ERROR_DESCRIPTIONS = {
 ERROR_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "the header that carries the key (X-API-Key)",
                                "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before retrying",
+                          "schema": {"type": "integer"}}},
     503: {"Retry-After": {"description": "seconds to wait before retrying",
                           "schema": {"type": "integer"}}},
 }

@@ -51,7 +51,8 @@ DOCUMENTED_CODES = frozenset({
     "empty", "corrupt_image", "too_many_files", "invalid_tensor", "bad_request",
     "unauthorized", "unknown_model", "not_found", "method_not_allowed", "request_timeout",
     "content_too_large", "image_too_large", "image_too_complex", "not_an_image",
-    "unsupported_format", "validation_error", "internal", "overloaded", "not_ready",
+    "unsupported_format", "validation_error", "rate_limited", "internal", "overloaded",
+    "not_ready",
 })
 #: Small limits, as in conftest's shared app, so that fuzzed requests can reach them.
 LIMITS = {"max_files": 4, "max_queue": 64, "max_image_pixels": 10_000, "max_body_bytes": 200_000}
