@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -61,13 +62,15 @@ def current_rank() -> Rank | None:
 
 
 @contextmanager
-def process_group(device: str) -> Iterator[tuple[Rank | None, str]]:
+def process_group(device: str, timeout: timedelta | None = None
+                  ) -> Iterator[tuple[Rank | None, str]]:
     """Join torchrun's group (from ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``) for the block.
 
     Yields (rank, device): without torchrun or with one process, (None, ``device``) and no
     group; else gloo for a CPU ``device`` and NCCL for ``cuda`` (rank r trains on
     ``cuda:LOCAL_RANK``). Non-zero ranks log warnings only. An already initialised group is
-    reused and left open.
+    reused and left open. ``timeout``: how long a collective waits for the other ranks
+    (torch's default, 30 minutes for gloo, if None).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
@@ -79,7 +82,7 @@ def process_group(device: str) -> Iterator[tuple[Rank | None, str]]:
         torch.cuda.set_device(device)
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     rank = current_rank()
     assert rank is not None
     if not rank.main:
@@ -90,6 +93,13 @@ def process_group(device: str) -> Iterator[tuple[Rank | None, str]]:
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def gather_to_main(obj: Any, rank: Rank) -> list[Any] | None:
+    """Every rank's picklable ``obj``, in rank order, on rank 0; None on the other ranks."""
+    gathered: list[Any] | None = [None] * rank.world if rank.main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def local_batch_size(batch_size: int, rank: Rank) -> int:

@@ -87,28 +87,45 @@ def add_noise_negatives(model: nn.Module, sets: Sets, seed: int) -> None:
     sets.benign = AdvSet(x, sets.y_clean, image, len(image), extract_paths(model, x))
 
 
+def assign_attacks(n: int, specs: list[AttackSpec], *, seed: int,
+                   per_image: int | None) -> dict[str, np.ndarray]:
+    """Indices into n images that each attack runs on, by attack label: all n for
+    ``per_image=None``, else each image gets ``per_image`` distinct attacks drawn with one
+    generator seeded by ``seed`` (so the draw does not depend on who crafts the attacks)."""
+    if per_image is None:
+        return {s.label: np.arange(n) for s in specs}
+    rng = np.random.default_rng(seed)
+    k = min(per_image, len(specs))
+    choice = np.stack([rng.choice(len(specs), k, replace=False) for _ in range(n)])
+    return {s.label: np.flatnonzero((choice == i).any(1)) for i, s in enumerate(specs)}
+
+
+def craft_set(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
+              idx: np.ndarray, *, seed: int, square_queries: int) -> AdvSet:
+    """Attack the images ``x[idx]`` (x: (N, C, H, W) in [0, 1], y: (N,), idx non-empty) with
+    ``spec`` seeded by ``seed``; keep the successful ones with their paths. The result depends
+    only on the arguments, not on what was crafted before (each attack reseeds torch)."""
+    adv = craft(spec, model, x[idx], y[idx], seed=seed, square_queries=square_queries)
+    ok = (predict(model, adv) != y[idx]).numpy()
+    s = AdvSet(adv[ok], y[idx][ok], idx[ok], len(idx))
+    s.paths = extract_paths(model, s.x) if ok.any() else None
+    return s
+
+
 def craft_sets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs: list[AttackSpec], *,
                seed: int, per_image: int | None, square_queries: int) -> Sets:
     """Attack the images; ``per_image=None`` runs every attack on every image, else each image
-    gets ``per_image`` distinct attacks drawn at random. Failed attacks are dropped."""
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    if per_image is None:
-        assigned = {s.label: np.arange(n) for s in specs}
-    else:
-        k = min(per_image, len(specs))
-        choice = np.stack([rng.choice(len(specs), k, replace=False) for _ in range(n)])
-        assigned = {s.label: np.flatnonzero((choice == i).any(1)) for i, s in enumerate(specs)}
+    gets ``per_image`` distinct attacks drawn at random. Failed attacks are dropped.
+
+    One process; :mod:`training.distributed_crafting` makes the same sets across ranks."""
+    assigned = assign_attacks(len(y), specs, seed=seed, per_image=per_image)
     sets = Sets(x, y, extract_paths(model, x))
     for spec in specs:
         idx = assigned[spec.label]
         if len(idx) == 0:
             continue
-        adv = craft(spec, model, x[idx], y[idx], seed=seed, square_queries=square_queries)
-        ok = (predict(model, adv) != y[idx]).numpy()
-        s = AdvSet(adv[ok], y[idx][ok], idx[ok], len(idx))
-        s.paths = extract_paths(model, s.x) if ok.any() else None
-        sets.adversarial[spec.label] = s
+        sets.adversarial[spec.label] = craft_set(model, x, y, spec, idx, seed=seed,
+                                                 square_queries=square_queries)
     return sets
 
 

@@ -7,6 +7,10 @@ images against fitted and unseen attacks, and write a bundle the server loads.
 Output (default ``runs/<dataset>/detector``): ``bundle/`` (for ``python -m service``),
 ``metrics.json``, ``report.md``, ``roc.png`` and ``adversarial.npz`` (the evaluated sets, for
 ``benchmarks/baselines.py``).
+
+``torchrun --nproc_per_node N -m training.fit_detector ...`` crafts the attacks (and extracts
+their paths) across N ranks, whole attacks per rank, with the same sets as one process
+(:mod:`training.distributed_crafting`); rank 0 alone fits, evaluates and writes.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from detector.bundle import save_bundle
 from detector.checkpoint import load_checkpoint
@@ -30,6 +36,8 @@ from training import train as train_cmd
 from training.attacks import AttackSpec
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
 from training.data import ImageData, to_float
+from training.distributed import Rank, process_group
+from training.distributed_crafting import Side, craft_across_ranks
 from training.evaluation import markdown_report, plot_rocs
 from training.experiment import (
     Sets,
@@ -57,6 +65,9 @@ COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/25
 COLOUR_EVAL = ("fgsm:8/255", "pgd:8/255", "pgd:1/255", "pgd:12/255", "bim:8/255", "cw",
                "deepfool", "square:8/255")
 VARIANTS = ("logistic", "hist_gb", "random_forest", "logistic+raw", "hist_gb+raw")
+#: How long a rank waits for the others under torchrun: rank 0 gathers the sets when the
+#: slowest rank is done, and one attack can take an hour on CIFAR-10.
+RANK_TIMEOUT = timedelta(hours=24)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def ensure_checkpoint(args: argparse.Namespace, data: ImageData) -> Path:
-    """The decoupled checkpoint to use; trains base + decoupled runs if the default is absent."""
+def ensure_checkpoint(args: argparse.Namespace, data: ImageData, rank: Rank | None = None
+                      ) -> Path:
+    """The decoupled checkpoint to use; trains base + decoupled runs if the default is absent
+    (under torchrun on all ranks, each step finished by rank 0's writing before the next)."""
     if args.checkpoint is not None:
         return args.checkpoint
     root = Path("runs") / data.name
@@ -124,17 +137,28 @@ def ensure_checkpoint(args: argparse.Namespace, data: ImageData) -> Path:
     if args.download:
         common.append("--download")
     train_cmd.main(train_cmd.build_parser().parse_args([*common, "--out", str(root / "base")]))
+    if rank is not None:
+        dist.barrier()
     decouple_cmd.main(decouple_cmd.build_parser().parse_args(
         [*common, "--base", str(root / "base"), "--out", str(root / "decoupled")]))
+    if rank is not None:
+        dist.barrier()
     return root / "decoupled"
 
 
 def main(args: argparse.Namespace) -> None:
+    """Run the command; under torchrun every rank crafts its share of the attacks and rank 0
+    alone does the rest."""
+    with process_group("cpu", timeout=RANK_TIMEOUT) as (rank, _):
+        _fit(args, rank)
+
+
+def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if not 0.0 < args.target_fpr < 0.5:
         raise ValueError(f"--target-fpr must be in (0, 0.5), got {args.target_fpr}")
     variants = [_parse_variant(v) for v in args.compare]
     data = load_data(args)
-    checkpoint = ensure_checkpoint(args, data)
+    checkpoint = ensure_checkpoint(args, data, rank)
     model, spec = load_checkpoint(checkpoint)
     if not spec.decoupled:
         raise ValueError(f"--checkpoint {checkpoint} is not decoupled; run training.decouple")
@@ -155,20 +179,33 @@ def main(args: argparse.Namespace) -> None:
     x_fit, y_fit = correct_subset(model, to_float(data.x_test[fit_ids]), data.y_test[fit_ids])
     x_eval, y_eval = correct_subset(model, to_float(data.x_test[eval_ids]), data.y_test[eval_ids])
     clean_acc = float(np.mean([len(y_fit) / len(fit_ids), len(y_eval) / len(eval_ids)]))
-
-    # Class-conditional path profile from clean, correctly classified training images.
-    prof_ids = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(
-        args.seed))[:args.max_profile]
-    x_prof, y_prof = correct_subset(model, to_float(data.x_train[prof_ids]),
-                                    data.y_train[prof_ids])
-    profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(), spec.num_classes)
-
     reused = args.reuse_attacks
     if reused and not (out / ADVERSARIAL).is_file():
         raise FileNotFoundError(f"--reuse-attacks: {out / ADVERSARIAL} not found; run once "
                                 "without it to craft the sets")
+    helper = rank is not None and not rank.main  # crafts its share of the attacks, no more
+    if helper and reused:
+        return
+
+    # Class-conditional path profile from clean, correctly classified training images.
+    if not helper:
+        prof_ids = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(
+            args.seed))[:args.max_profile]
+        x_prof, y_prof = correct_subset(model, to_float(data.x_train[prof_ids]),
+                                        data.y_train[prof_ids])
+        profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(),
+                                  spec.num_classes)
+
     if reused:
         fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, eval_specs)
+    elif rank is not None:
+        crafted = craft_across_ranks(
+            model, [Side("fit", x_fit, y_fit, fit_specs, args.seed, args.attacks_per_image),
+                    Side("eval", x_eval, y_eval, eval_specs, args.seed + 1, None)],
+            rank, square_queries=args.square_queries)
+        if crafted is None:
+            return
+        fit_sets, eval_sets = crafted
     else:
         fit_sets = craft_sets(model, x_fit, y_fit, fit_specs, seed=args.seed,
                               per_image=args.attacks_per_image,
@@ -206,7 +243,7 @@ def main(args: argparse.Namespace) -> None:
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
             "reused_attacks": reused, "noise_negatives": args.noise_negatives,
             "max_fit": args.max_fit, "max_eval": args.max_eval,
-            "max_profile": args.max_profile,
+            "max_profile": args.max_profile, "processes": 1 if rank is None else rank.world,
         },
         "clean_accuracy": clean_acc,
         "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
