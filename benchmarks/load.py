@@ -22,6 +22,14 @@ Usage::
     python benchmarks/load.py --bundle runs/digits/detector/bundle --requests 1000 \\
         --concurrency 16 --set PATHGUARD_MAX_QUEUE=64 --json load.json
 
+``--url`` drives a server that is already running instead (e.g. a Ray Serve deployment,
+docs/SCALING.md): ``--bundle`` is then the bundle it serves (for the model's name and input
+shape) and ``--set`` must repeat the server's non-default limits, since the hostile requests
+are sized from them. Its RSS and CPU are measured only with ``--pid`` (a process whose tree
+holds the server: ``serve run``'s); without it the RSS criterion is left out, and
+"still running" means it still answers ``/v2/health/ready``. Images per forward pass come from
+``/metrics`` of the server started here only (under Ray Serve each scrape reaches one replica).
+
 With the defaults a valid request carries at most 4 images, so 64 clients have at most 256
 images in flight: exactly the default ``max_queue``, so valid requests never see a 503. The
 client runs in this process and shares the CPU with the server.
@@ -55,10 +63,8 @@ if str(ROOT) not in sys.path:  # run as ``python benchmarks/load.py`` from anywh
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    Server,
     metric_value,
     multipart,
-    process_cpu,
     serving,
 )
 from detector.bundle import read_manifest  # noqa: E402
@@ -387,27 +393,40 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-async def drive_sampling_rss(server: Server, requests: Sequence[Prepared], concurrency: int,
-                             timeout: float, every: float = 0.25
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its live children."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def drive_sampling_rss(url: str, pid: int, requests: Sequence[Prepared],
+                             concurrency: int, timeout: float, every: float = 0.25
                              ) -> tuple[list[Outcome], float, int]:
-    """:func:`drive`, sampling the server's RSS meanwhile; (outcomes, seconds, peak RSS)."""
-    peak = tree_rss(server.pid)
+    """:func:`drive`, sampling the RSS of ``pid``'s tree meanwhile; (outcomes, seconds, peak
+    RSS)."""
+    peak = tree_rss(pid)
     done = asyncio.Event()
 
     async def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(server.pid))
+            peak = max(peak, tree_rss(pid))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), every)
 
     sampler = asyncio.create_task(sample())
     try:
-        outcomes, seconds = await drive(server.url, requests, concurrency, timeout)
+        outcomes, seconds = await drive(url, requests, concurrency, timeout)
     finally:
         done.set()
         await sampler
-    return outcomes, seconds, max(peak, tree_rss(server.pid))
+    return outcomes, seconds, max(peak, tree_rss(pid))
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -446,7 +465,7 @@ def summarize(outcomes: Sequence[Outcome], seconds: float, config: dict[str, Any
                   if (o.status, o.code) != (KINDS[o.kind].status, KINDS[o.kind].code)]
     server_errors = [o for o in outcomes if o.status >= 500]
     transport = [o for o in outcomes if o.status == 0]
-    growth = rss["after_run"] / rss["after_warmup"] - 1.0
+    growth = rss["after_run"] / rss["after_warmup"] - 1.0  # NaN where RSS was not measured
     summary = Summary(
         config=config, machine=machine, seconds=seconds, statuses=dict(statuses), kinds=kinds,
         valid={"count": len(valid), "failed": len(valid_failed),
@@ -469,6 +488,8 @@ def summarize(outcomes: Sequence[Outcome], seconds: float, config: dict[str, Any
             "value": round(growth, 4), "passed": abs(growth) <= max_rss_growth},
         "server still running": {"value": alive, "passed": alive},
     }
+    if math.isnan(growth):  # an external server without --pid
+        del summary.criteria[f"RSS growth within {max_rss_growth:.0%}"]
     return summary
 
 
@@ -478,7 +499,8 @@ def report(s: Summary) -> str:
     mib = 2.0 ** 20
     total = sum(k["count"] for k in s.kinds.values())
     lines = [
-        f"{c['bundle']} ({c['model']}): {total} requests at concurrency {c['concurrency']} "
+        f"{c['bundle']} ({c['model']}{', at ' + c['url'] if c.get('url') else ''}): "
+        f"{total} requests at concurrency {c['concurrency']} "
         f"in {s.seconds:.1f} s = {total / s.seconds:.0f} req/s "
         f"({v['count']} valid = {v['throughput_rps']:.0f} req/s, {inv['count']} invalid)",
         f"machine: {s.machine['cpus']} CPUs, load average {s.machine['load_before'][0]:.1f} "
@@ -498,14 +520,16 @@ def report(s: Summary) -> str:
                      f"{others or ''}")
     lat = v["latency_ms"]
     accuracy = "n/a" if v["accuracy"] is None else f"{v['accuracy']:.4f}"
+    rss = (f"RSS: {s.rss['after_start'] / mib:.1f} MiB after start, "
+           f"{s.rss['after_warmup'] / mib:.1f} MiB after warm-up, {s.rss['peak'] / mib:.1f} MiB "
+           f"peak, {s.rss['after_run'] / mib:.1f} MiB after the run ({s.rss['growth']:+.1%})"
+           if not math.isnan(s.rss["growth"]) else "RSS: not measured (--url without --pid)")
     lines += [
         "",
         f"valid: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms, "
         f"max {lat['max']:.1f} ms; failed {v['failed']} (503 overloaded: "
         f"{v['overloaded_503']}); accuracy {accuracy} on {v['images_labelled']} images",
-        f"RSS: {s.rss['after_start'] / mib:.1f} MiB after start, "
-        f"{s.rss['after_warmup'] / mib:.1f} MiB after warm-up, {s.rss['peak'] / mib:.1f} MiB "
-        f"peak, {s.rss['after_run'] / mib:.1f} MiB after the run ({s.rss['growth']:+.1%})",
+        rss,
     ]
     if inv["unexpected_examples"]:
         lines.append("unexpected answers to invalid requests: "
@@ -564,8 +588,59 @@ def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def answers_ready(url: str) -> bool:
+    """Whether the server at ``url`` answers ``/v2/health/ready`` with 200."""
+    try:
+        return httpx.get(f"{url}/v2/health/ready", timeout=10.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class Measured:
+    """What one run measured: outcomes, wall seconds, RSS (bytes, NaN if not measured), CPU
+    seconds and images per forward pass (NaN if not measured), and whether the server still
+    runs."""
+
+    outcomes: list[Outcome]
+    seconds: float
+    rss: dict[str, float]
+    cpu: dict[str, float]
+    alive: bool
+
+
+def measure(url: str, pid: int | None, warmup: Sequence[Prepared],
+            requests: Sequence[Prepared], concurrency: int, timeout: float, *,
+            passes: bool, alive: Callable[[], bool]) -> Measured:
+    """Warm the server at ``url`` up, drive ``requests`` and measure; RSS and server CPU of
+    ``pid``'s process tree (if given), forward passes from ``/metrics`` if ``passes``."""
+    nan = float("nan")
+    rss_start = tree_rss(pid) if pid is not None else nan
+    asyncio.run(drive(url, warmup, concurrency, timeout))
+    rss_warm = tree_rss(pid) if pid is not None else nan
+    batches = forward_passes(url) if passes else (nan, nan)
+    cpu_server = tree_cpu(pid) if pid is not None else nan
+    cpu_client = time.process_time()
+    if pid is not None:
+        outcomes, seconds, peak = asyncio.run(drive_sampling_rss(
+            url, pid, requests, concurrency, timeout))
+    else:
+        outcomes, seconds = asyncio.run(drive(url, requests, concurrency, timeout))
+        peak = nan
+    cpu = {"server_s": (tree_cpu(pid) if pid is not None else nan) - cpu_server,
+           "client_s": time.process_time() - cpu_client}
+    rss_after = tree_rss(pid) if pid is not None else nan
+    images, n = (b - a for a, b in zip(batches, forward_passes(url) if passes else (nan, nan),
+                                       strict=True))
+    cpu["forward_passes"], cpu["images_per_pass"] = n, images / max(n, 1) if passes else nan
+    rss = {"after_start": float(rss_start), "after_warmup": float(rss_warm),
+           "peak": float(peak), "after_run": float(rss_after)}
+    return Measured(outcomes, seconds, rss, cpu, alive())
+
+
 def run(args: argparse.Namespace) -> Summary:
-    """Start the server, warm it up, drive the load and measure; the run's summary."""
+    """Start the server (or take ``--url``'s), warm it up, drive the load and measure; the
+    run's summary."""
     manifest = read_manifest(args.bundle)
     model = str(manifest["name"])
     input_shape = tuple(int(v) for v in manifest["input_shape"])
@@ -584,36 +659,38 @@ def run(args: argparse.Namespace) -> Summary:
               "requests": args.requests, "warmup": args.warmup,
               "concurrency": args.concurrency, "invalid_fraction": args.invalid_fraction,
               "seed": args.seed, "threads": args.threads, "server_env": overrides,
-              "max_queue": int(settings["max_queue"])}
+              "max_queue": int(settings["max_queue"]), "url": args.url, "pid": args.pid}
     machine = {"cpus": os.cpu_count(), "load_before": list(os.getloadavg()),
                "nice": os.nice(0), "python": platform.python_version(),
                "platform": platform.platform()}
-    with serving(args.bundle, env=overrides, threads=args.threads) as server:
-        rss_start = tree_rss(server.pid)
-        asyncio.run(drive(server.url, warmup, args.concurrency, args.timeout))
-        rss_warm = tree_rss(server.pid)
-        batches = forward_passes(server.url)
-        cpu_server, cpu_client = process_cpu(server.pid), time.process_time()
-        outcomes, seconds, peak = asyncio.run(drive_sampling_rss(
-            server, requests, args.concurrency, args.timeout))
-        cpu = {"server_s": process_cpu(server.pid) - cpu_server,
-               "client_s": time.process_time() - cpu_client}
-        rss_after = tree_rss(server.pid)
-        images, passes = (b - a for a, b in zip(batches, forward_passes(server.url),
-                                                strict=True))
-        cpu["forward_passes"], cpu["images_per_pass"] = passes, images / max(passes, 1)
-        alive = server.proc.poll() is None
+    if args.url is not None:
+        url = args.url.rstrip("/")
+        if not answers_ready(url):
+            raise SystemExit(f"--url {args.url}: no server answers /v2/health/ready there")
+        m = measure(url, args.pid, warmup, requests, args.concurrency, args.timeout,
+                    passes=False, alive=lambda: answers_ready(url))
+    else:
+        with serving(args.bundle, env=overrides, threads=args.threads) as server:
+            m = measure(server.url, server.pid, warmup, requests, args.concurrency,
+                        args.timeout, passes=True, alive=lambda: server.proc.poll() is None)
     machine["load_after"] = list(os.getloadavg())
-    rss = {"after_start": float(rss_start), "after_warmup": float(rss_warm),
-           "peak": float(peak), "after_run": float(rss_after)}
-    return summarize(outcomes, seconds, config, machine, rss, cpu, args.max_rss_growth, alive)
+    return summarize(m.outcomes, m.seconds, config, machine, m.rss, m.cpu, args.max_rss_growth,
+                     m.alive)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE,
-                   help="bundle to serve (default: the committed MNIST bundle)")
+                   help="bundle to serve, or with --url the one that server serves (default: "
+                        "the committed MNIST bundle)")
+    p.add_argument("--url", default=None,
+                   help="drive the server already running at this base URL, e.g. "
+                        "http://127.0.0.1:8000, instead of starting one (--threads is then "
+                        "ignored; pass its non-default limits with --set)")
+    p.add_argument("--pid", type=int, default=None,
+                   help="with --url: the process whose tree's RSS and CPU to measure (e.g. "
+                        "serve run's)")
     p.add_argument("--data", default=None, help="test images: 'digits', a .npz file, ... "
                    "(default: chosen by the model's input shape, e.g. ../shared/data/mnist.npz)")
     p.add_argument("--images", type=int, default=1000, help="test images to draw from")
@@ -635,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests and --concurrency must be >= 1, --warmup >= 0")
     if not 0.0 <= args.invalid_fraction <= 1.0:
         p.error("--invalid-fraction must be in [0, 1]")
+    if args.url is not None and not args.url.startswith(("http://", "https://")):
+        p.error(f"--url must be an http:// or https:// base URL, got {args.url!r}")
+    if args.pid is not None and (args.url is None or not psutil.pid_exists(args.pid)):
+        p.error(f"--pid {args.pid}: needs --url and a running process")
     summary = run(args)
     print(report(summary))  # noqa: T201
     if args.json is not None:

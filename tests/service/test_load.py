@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.harness import serving
 from benchmarks.load import (
     KINDS,
     Outcome,
@@ -18,6 +19,7 @@ from benchmarks.load import (
     main,
     multipart,
     plan,
+    report,
     server_settings,
     summarize,
 )
@@ -97,3 +99,48 @@ def test_short_run_against_the_real_server(bundle_dir, tmp_path, capsys):
     assert sum(k["count"] for k in result["kinds"].values()) == 100
     assert len(result["kinds"]) >= 10  # most hostile kinds were sent
     assert result["rss"]["after_run"] > 0 and result["cpu"]["forward_passes"] > 0
+
+
+def test_rss_criterion_left_out_when_not_measured():
+    nan = float("nan")
+    rss = {"after_start": nan, "after_warmup": nan, "peak": nan, "after_run": nan}
+    cpu = {"server_s": nan, "client_s": 0.1, "images_per_pass": nan}
+    machine = {"cpus": 2, "load_before": [0.0] * 3, "load_after": [0.0] * 3, "nice": 0}
+    config = {"bundle": "b", "model": "m", "concurrency": 1, "url": "http://127.0.0.1:1"}
+    s = summarize([Outcome(kind("classify"), 200, None, 0.01, 1, 1)], 1.0, config, machine,
+                  rss, cpu, 0.10, True)
+    assert s.passed and not any(name.startswith("RSS") for name in s.criteria)
+    text = report(s)
+    assert "RSS: not measured" in text and "at http://127.0.0.1:1" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--url", "127.0.0.1:8000"], "--url must be an http:// or https:// base URL, got "
+                                  "'127.0.0.1:8000'"),
+    (["--pid", "1"], "--pid 1: needs --url"),
+])
+def test_external_server_options_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_url_without_a_server_fails_naming_it(bundle_dir):
+    with pytest.raises(SystemExit, match=r"--url http://127\.0\.0\.1:9/: no server"):
+        main(["--url", "http://127.0.0.1:9/", "--bundle", str(bundle_dir), "--data", "digits",
+              "--requests", "1"])
+
+
+@pytest.mark.slow
+def test_short_run_against_an_external_server(bundle_dir, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    with serving(bundle_dir) as server:
+        status = main(["--url", server.url, "--pid", str(server.pid), "--bundle",
+                       str(bundle_dir), "--data", "digits", "--requests", "60", "--warmup",
+                       "5", "--concurrency", "4", "--seed", "3", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    result = json.loads(out.read_text())
+    assert result["config"]["url"] == server.url and result["valid"]["failed"] == 0
+    assert result["rss"]["after_run"] > 0 and result["cpu"]["server_s"] > 0
+    assert "RSS growth within 10%" in result["criteria"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,6 +128,23 @@ def test_concurrent_requests_are_batched_and_metered(serve_url, pngs):
     assert metrics.status_code == 200
     assert "pathguard_inference_batch_size_count" in metrics.text
     assert 'route="/classify"' in metrics.text
+
+
+def test_holds_the_load_benchmark(serve_url, bundle_dir, tmp_path, capsys):
+    """benchmarks/load.py pointed at the 2 replicas: no failed valid request, no 5xx."""
+    from benchmarks.load import main as load_main
+
+    out = tmp_path / "load.json"
+    status = load_main(["--url", serve_url, "--bundle", str(bundle_dir), "--data", "digits",
+                        "--requests", "120", "--warmup", "10", "--concurrency", "4",
+                        "--set", "PATHGUARD_MAX_FILES=4", "--set", "PATHGUARD_MAX_QUEUE=64",
+                        "--seed", "2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    result = json.loads(out.read_text())
+    assert result["valid"]["failed"] == 0 and result["invalid"]["unexpected"] == 0
+    assert not any(s.startswith("5") for s in result["statuses"]), result["statuses"]
+    assert sum(k["count"] for k in result["kinds"].values()) == 120
 
 
 def test_deployment_options_from_settings(make_settings):
