@@ -642,8 +642,8 @@ def run(args: argparse.Namespace) -> Summary:
     """Start the server (or take ``--url``'s), warm it up, drive the load and measure; the
     run's summary."""
     manifest = read_manifest(args.bundle)
-    model = str(manifest["name"])
-    input_shape = tuple(int(v) for v in manifest["input_shape"])
+    model = manifest.name
+    input_shape = manifest.input_shape
     overrides = parse_env(args.set)
     settings = server_settings(overrides)
     images, labels, source = load_images(args.data, input_shape, args.images)  # type: ignore[arg-type]

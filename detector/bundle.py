@@ -33,12 +33,15 @@ from detector.checkpoint import ModelSpec, load_weights
 from detector.decouple import gated_layers
 from detector.estimator import PathDetector
 from detector.features import PathProfile
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
-PROFILE = "profile.safetensors"
-DETECTOR = "detector.skops"
+from detector.manifest import (
+    DETECTOR,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROFILE,
+    WEIGHTS,
+    Manifest,
+    OperatingPoint,
+)
 
 #: Every type a detector file may contain; anything else is refused on load, including types
 #: that skops itself would trust by default (any other scikit-learn estimator, say).
@@ -93,7 +96,7 @@ class Bundle:
     """A loaded bundle: eval-mode network, path profile, detector and manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     spec: ModelSpec
     model: nn.Module
     profile: PathProfile
@@ -101,11 +104,11 @@ class Bundle:
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def network_macs(self) -> int:
-        return int(self.manifest["network_macs"])
+        return self.manifest.network_macs
 
     def analyze(self, images: torch.Tensor, execution: str = "masked") -> Analysis:
         """images: (N, C, H, W) float32 in [0, 1] with the bundle's input shape.
@@ -133,33 +136,27 @@ def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec
 
     sio.dump(detector, directory / DETECTOR, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
     layers = gated_layers(model)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": spec.to_json(),
-        "input_shape": list(spec.input_shape),
-        "classes": list(spec.classes),
-        "gated_layers": {k: m.conv.out_channels for k, m in layers.items()},
-        "network_macs": network_macs,
-        "detector": {
-            "model": detector.model,
-            "threshold": detector.threshold_,
-            "target_fpr": detector.target_fpr,
-            "clean_fpr": detector.clean_fpr_,
-            "include_raw_features": profile.include_raw,
-            "n_features": int(detector.n_features_in_),
-        },
-        "metrics": metrics or {},
-        "files": {f: sha256(directory / f) for f in (WEIGHTS, PROFILE, DETECTOR)},
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        name=name,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=spec,
+        gated_layers={k: m.conv.out_channels for k, m in layers.items()},
+        network_macs=network_macs,
+        detector=OperatingPoint(model=detector.model, threshold=detector.threshold_,
+                                target_fpr=detector.target_fpr, clean_fpr=detector.clean_fpr_,
+                                include_raw_features=profile.include_raw,
+                                n_features=int(detector.n_features_in_)),
+        files={f: sha256(directory / f) for f in (WEIGHTS, PROFILE, DETECTOR)},
+        metrics=metrics or {},
+    )
+    (directory / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     for f in (MANIFEST, WEIGHTS, PROFILE, DETECTOR):
         (directory / f).chmod(0o644)  # safetensors writes 0600; servers may run as another user
     return directory
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> Manifest:
     """The verified manifest: format version known, every listed file present and intact."""
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -167,9 +164,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path} is missing: not a bundle directory")
     try:
-        manifest = json.loads(path.read_text())
-        version = int(manifest["format_version"])
-        files = dict(manifest["files"])
+        data = json.loads(path.read_text())
+        version = int(data["format_version"])
+        files = dict(data["files"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{path} is not a valid manifest ({e!r})") from e
     if version > FORMAT_VERSION:
@@ -187,7 +184,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         if sha256(f) != digest:
             raise BundleError(f"bundle file {f} does not match its SHA-256 in the manifest "
                               "(modified or truncated)")
-    return manifest
+    try:
+        return Manifest.from_json(data)
+    except ValueError as e:
+        raise BundleError(f"{path} is not a valid manifest ({e})") from e
 
 
 def load_bundle(directory: str | Path) -> Bundle:
@@ -201,8 +201,8 @@ def load_bundle(directory: str | Path) -> Bundle:
 
 def _load_bundle(directory: Path) -> Bundle:
     manifest = read_manifest(directory)
+    spec = manifest.model
     try:
-        spec = ModelSpec.from_json(manifest["model"])
         model = spec.build()
     except (KeyError, ValueError) as e:
         raise BundleError(f"{directory / MANIFEST}: cannot rebuild the model ({e})") from e
@@ -214,7 +214,7 @@ def _load_bundle(directory: Path) -> Bundle:
         raise BundleError(str(e)) from e
     model.eval()
     names = list(gated_layers(model))
-    include_raw = bool(manifest.get("detector", {}).get("include_raw_features", False))
+    include_raw = manifest.detector.include_raw_features
     try:
         arrays = load_file(str(directory / PROFILE))
     except SafetensorError as e:

@@ -59,7 +59,7 @@ FALLBACK_EPS = 0.1
 def suggested_eps(bundle: Bundle, max_eps: float) -> float:
     """The PGD (else FGSM) strength the bundle's detector was evaluated at, from its
     manifest's metrics (``"PGD eps=8/255"``), capped at ``max_eps``."""
-    names = list(bundle.manifest.get("metrics", {}).get("auroc", {}))
+    names = list(bundle.manifest.metrics.get("auroc", {}))
     for prefix in ("PGD eps=", "FGSM eps="):
         for name in names:
             if name.startswith(prefix):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.analysis import Analysis
-from detector.bundle import WEIGHTS, Bundle
+from detector.bundle import Bundle
 from detector.features import PathProfile
 from service.imaging import DecodedImage
 from service.schemas import (
@@ -40,17 +40,15 @@ class ModelCard:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ModelCard:
-        det = bundle.manifest.get("detector", {})
-        clean_fpr = det.get("clean_fpr")
+        manifest = bundle.manifest
         return cls(
-            name=bundle.name,
-            version=str(bundle.manifest.get("version")
-                        or bundle.manifest["files"][WEIGHTS][:12]),
-            labels=tuple(bundle.spec.classes),
-            input_shape=tuple(bundle.spec.input_shape),  # type: ignore[arg-type]
+            name=manifest.name,
+            version=manifest.version_label,
+            labels=tuple(manifest.model.classes),
+            input_shape=manifest.input_shape,
             threshold=float(bundle.detector.threshold_),
-            target_fpr=float(det.get("target_fpr", bundle.detector.target_fpr)),
-            clean_fpr=None if clean_fpr is None else float(clean_fpr),
+            target_fpr=manifest.detector.target_fpr,
+            clean_fpr=manifest.detector.clean_fpr,
         )
 
     @property

@@ -22,6 +22,7 @@ from detector.bundle import (
     WEIGHTS,
     BundleError,
     load_bundle,
+    read_manifest,
     save_bundle,
     sha256,
 )
@@ -29,6 +30,7 @@ from detector.checkpoint import load_checkpoint
 from detector.decouple import gated_layers
 from detector.estimator import PathDetector
 from detector.features import PathProfile
+from detector.manifest import Manifest
 from detector.paths import network_macs
 from training.attacks import AttackSpec, craft
 from training.data import load_dataset, to_float
@@ -241,4 +243,22 @@ def test_unknown_architecture_in_manifest_is_refused(copy):
 def test_unreadable_file_is_a_bundle_error(copy):
     (copy / WEIGHTS).chmod(0)
     with pytest.raises(BundleError, match="cannot read"):
+        load_bundle(copy)
+
+
+def test_manifest_is_typed_and_round_trips(bundle_dir):
+    manifest = read_manifest(bundle_dir)
+    assert isinstance(manifest, Manifest)
+    assert manifest.input_shape == tuple(manifest.model.input_shape)
+    assert 0.0 <= manifest.detector.threshold <= 1.0 and 0.0 < manifest.detector.target_fpr < 1
+    assert manifest.version_label == manifest.files[WEIGHTS][:12]
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    on_disk = json.loads((bundle_dir / MANIFEST).read_text())
+    # what save_bundle wrote is what the type writes
+    assert json.loads(json.dumps(manifest.to_json())) == on_disk
+
+
+def test_manifest_without_an_operating_point_is_refused(copy):
+    edit_manifest(copy, lambda m: m.pop("detector"))
+    with pytest.raises(BundleError, match=r"is not a valid manifest.*detector"):
         load_bundle(copy)

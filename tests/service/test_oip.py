@@ -58,7 +58,7 @@ def test_infer_is_exact(client, pixels, bundle_dir):
     assert body["model_name"] == "digits" and body["id"] == "r1"
     bundle = load_bundle(bundle_dir)
     assert body["parameters"]["threshold"] == pytest.approx(bundle.detector.threshold_)
-    assert body["parameters"]["target_fpr"] == bundle.manifest["detector"]["target_fpr"]
+    assert body["parameters"]["target_fpr"] == bundle.manifest.detector.target_fpr
     out = {o["name"]: o for o in body["outputs"]}
     assert list(out) == list(OUTPUT_NAMES)
     expected = bundle.analyze(torch.from_numpy(pixels))

@@ -63,7 +63,7 @@ def test_bundle_loads_and_matches_the_metrics(run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert bundle.name == metrics["name"] == "small_cnn-digits"
     assert bundle.detector.threshold_ == metrics["threshold"]
-    assert bundle.manifest["metrics"]["auroc"] == {
+    assert bundle.manifest.metrics["auroc"] == {
         k: v["auroc"] for k, v in metrics["evaluation"]["attacks"].items()}
     # the bundle flags the evaluation clean images at the rate the metrics report
     arrays = np.load(run / "adversarial.npz")
