@@ -1,7 +1,7 @@
 """Hidden activations of a decoupled network for the baseline detectors of ``baselines.py``.
 
 The baselines read the network's own activations rather than its computation path. By default
-every gate is forced open (:func:`detector.gates.recording` with ``force_open=True``), so the
+every gate is forced open (:func:`detector.recording.recording` with ``force_open=True``), so the
 decoupled network computes exactly like the dense network it was made from; a gated conv's output
 is then its batch-normalised conv output (before the following ReLU).
 
@@ -18,7 +18,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from detector.gates import ControlModule, GatedConv, recording
+from detector.control import ControlModule
+from detector.gates import GatedConv
+from detector.recording import recording
 
 PENULTIMATE = "penultimate"
 LOGITS = "logits"

@@ -42,7 +42,7 @@ def decouple(model: nn.Module, reduction: int = 4,
     """Return a gated copy of ``model`` (the argument is left untouched).
 
     ``reduction`` is the control modules' bottleneck factor; ``normalize_gate_input``
-    standardises their pooled input (see :class:`~detector.gates.ControlModule`).
+    standardises their pooled input (see :class:`~detector.control.ControlModule`).
 
     Raises ValueError naming the module if a conv has no BatchNorm2d partner, if the model has
     no conv beyond its stem, or if it is already decoupled.

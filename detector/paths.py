@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from detector.gates import GatedConv, recording
+from detector.gates import GatedConv
+from detector.recording import recording
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False,
 
     Gradients flow if the caller enables them; the model's mode (train/eval) is respected.
     ``detach_gate_input=True`` stops gradients from the gates into the layers before them
-    (training only; see :func:`detector.gates.recording`). ``pooled=False`` skips
+    (training only; see :func:`detector.recording.recording`). ``pooled=False`` skips
     :attr:`LayerPath.pooled` (the decoupling loss needs it, detection does not), which lets sparse
     execution skip closed filters of layers with a pool between conv and BN.
     """

@@ -25,7 +25,7 @@ mode); a layer that falls back to dense does all of them, and at batch B the uni
 each input's own path. :class:`SparseStats`, yielded by :func:`sparse_execution`, reports what
 actually ran; ``executed_macs`` of the path stays the per-input ideal.
 
-Path recording (:func:`detector.gates.recording`, :func:`detector.paths.compute_path`) works
+Path recording (:func:`detector.recording.recording`, :func:`detector.paths.compute_path`) works
 unchanged. ``GateRecord.pooled`` (spatial mean of the normalised output *before* masking, which
 needs closed filters too) is computed exactly without running them: the conv is linear, so
 ``mean_ij conv(x) = W . m`` with ``m[c, u, v]`` the mean of input channel c over the positions
@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.gates import GatedConv, conv_executor, conv_geometry, conv_output_size
+from detector.conv_executor import conv_executor
+from detector.gates import GatedConv, conv_geometry, conv_output_size
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -120,7 +121,7 @@ def sparse_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _sparse_conv_bn(layer: GatedConv, x: torch.Tensor, z: torch.Tensor, need_pooled: bool, *,
                     stats: SparseStats, dense_above: float) -> tuple[torch.Tensor,
                                                                      torch.Tensor | None]:
-    """The :class:`~detector.gates.ConvExecutor` of sparse mode (see module docstring)."""
+    """The :class:`~detector.conv_executor.ConvExecutor` of sparse mode (see module docstring)."""
     conv, bn = layer.conv, layer.bn
     if layer.training or bn.training:
         raise ValueError(f"sparse execution needs eval mode, but layer {layer.name!r} is in "

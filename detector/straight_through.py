@@ -19,7 +19,9 @@ from contextlib import contextmanager
 
 import torch
 
-from detector.gates import GatedConv, conv_executor, saturated_sigmoid
+from detector.conv_executor import conv_executor
+from detector.gates import GatedConv
+from detector.semhash import saturated_sigmoid
 
 STE_KINDS = ("sigmoid", "semhash")
 
@@ -28,7 +30,7 @@ def soft_gates(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Differentiable gate values from gate logits (B, C) -> (B, C) in [0, 1].
 
     ``"sigmoid"``: sigmoid(logits); ``"semhash"``: clamp(1.2 sigmoid(logits) - 0.1, 0, 1), the
-    noise-free version of the training-time estimator in :func:`detector.gates.improved_semhash`.
+    noise-free version of the training-time estimator in :func:`detector.semhash.improved_semhash`.
     """
     if kind == "sigmoid":
         return torch.sigmoid(logits)

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from detector.decouple import decouple, gated_layers, strip_gates
-from detector.gates import GatedConv, recording
+from detector.gates import GatedConv
 from detector.models import create_model
+from detector.recording import recording
 
 # arch, input shape, number of gated layers, names that must be among them, stem conv name
 CASES = {

@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detector.control import ControlModule
 from detector.decouple import decouple, gated_layers
-from detector.gates import _RECORDER, ControlModule, GatedConv, improved_semhash, recording
+from detector.gates import GatedConv
 from detector.models import create_model
+from detector.recording import _RECORDER, recording
+from detector.semhash import improved_semhash
 
 
 def small_gated(eval_mode=True):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from detector import gates
 from detector.checkpoint import ModelSpec
+from detector.conv_executor import current_executor
 from detector.decouple import decouple, gated_layers
 from detector.paths import compute_path
 from detector.sparse import SparseStats, sparse_execution, sparse_forward
@@ -195,4 +195,4 @@ def test_mode_is_scoped_to_the_block_and_thread():
         worker.join()
         assert stats.sliced_calls + stats.dense_calls == calls  # the thread ran dense
     assert other == [2]
-    assert gates._EXECUTOR.get() is None
+    assert current_executor() is None
