@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:  # run as ``python benchmarks/speed.py`` from anyw
     sys.path.insert(0, str(ROOT))
 
 from detector.checkpoint import ModelSpec, load_checkpoint  # noqa: E402
-from detector.decouple import gated_layers, strip_gates  # noqa: E402
+from detector.gating import gated_layers, strip_gates  # noqa: E402
 from detector.models import SmallCNN  # noqa: E402
 from detector.paths import PathResult, compute_path, network_macs  # noqa: E402
 from detector.sparse import DENSE_ABOVE, SparseStats, sparse_execution  # noqa: E402

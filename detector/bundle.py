@@ -30,9 +30,9 @@ from torch import nn
 
 from detector.analysis import Analysis, analyze
 from detector.checkpoint import ModelSpec, load_weights
-from detector.decouple import gated_layers
 from detector.estimator import PathDetector
 from detector.features import PathProfile
+from detector.gating import gated_layers
 from detector.manifest import (
     DETECTOR,
     FORMAT_VERSION,

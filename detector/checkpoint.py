@@ -14,7 +14,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from detector.decouple import decouple
+from detector.gating import decouple
 from detector.models import create_model
 
 WEIGHTS_FILE = "weights.safetensors"

@@ -23,20 +23,20 @@ import numpy as np
 import torch
 
 from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from detector.decouple import decouple, gated_layers
-from detector.explain import filter_states
+from detector.filter_states import filter_states
+from detector.gating import decouple, gated_layers
 from detector.paths import compute_path, network_macs
 from training.cli import (
     add_data_args,
     add_runtime_args,
     load_data,
     positive,
-    preset_for,
     run_command,
 )
 from training.distributed import Rank, process_group
 from training.engine import collect_paths, evaluate, fit
 from training.losses import DecouplingLoss, LossWeights
+from training.presets import preset_for
 from training.recipe import RECIPES, parameter_groups, whiten_bias_schedule
 from training.report import plot_filter_states, write_json
 

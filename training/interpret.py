@@ -5,7 +5,7 @@ numbers behind them) and the PNG figures (matplotlib):
 
 - ``filter_states.png``: per gated layer, the share of filters open for every image
   (high-energy), never open (silent), or input-dependent (dynamic) (the paper's Fig. 4;
-  :func:`detector.explain.filter_states`, as ``training.decouple`` writes it);
+  :func:`detector.filter_states.filter_states`, as ``training.decouple`` writes it);
 - ``prototypes.png``: class path prototypes: per class and filter, the share of the class's
   images that open the filter, every gated layer side by side;
 - ``similarity.png``: per layer, how alike two classes' prototypes are (1 - the mean absolute
@@ -49,7 +49,7 @@ import torch
 from matplotlib.colors import LinearSegmentedColormap
 
 from detector.checkpoint import load_checkpoint
-from detector.explain import filter_states
+from detector.filter_states import filter_states
 from training.attacks import AttackSpec, craft
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
 from training.data import ImageData, to_float

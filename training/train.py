@@ -27,12 +27,12 @@ from training.cli import (
     check_arch,
     load_data,
     positive,
-    preset_for,
     run_command,
 )
 from training.data import ImageData, to_float
 from training.distributed import Rank, process_group
 from training.engine import evaluate, fit
+from training.presets import preset_for
 from training.recipe import RECIPES, parameter_groups, whiten_bias_schedule
 from training.report import write_json
 

@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.speed import open_ever, pruned_twin
 from detector.checkpoint import ModelSpec
-from detector.decouple import gated_layers, strip_gates
+from detector.gating import gated_layers, strip_gates
 
 
 def test_pruned_twin_equals_gates_that_never_change() -> None:

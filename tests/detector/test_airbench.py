@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from detector.airbench import AirbenchNet, init_whitening
-from detector.decouple import decouple, gated_layers, strip_gates
+from detector.gating import decouple, gated_layers, strip_gates
 from detector.models import create_model
 from detector.paths import compute_path, network_macs
 

@@ -27,9 +27,9 @@ from detector.bundle import (
     sha256,
 )
 from detector.checkpoint import load_checkpoint
-from detector.decouple import gated_layers
 from detector.estimator import PathDetector
 from detector.features import PathProfile
+from detector.gating import gated_layers
 from detector.manifest import Manifest
 from detector.paths import network_macs
 from training.attacks import AttackSpec, craft

@@ -16,7 +16,7 @@ from detector.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from detector.decouple import gated_layers
+from detector.gating import gated_layers
 from detector.paths import compute_path
 
 

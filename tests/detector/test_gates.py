@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.control import ControlModule
-from detector.decouple import decouple, gated_layers
 from detector.gates import GatedConv
+from detector.gating import decouple, gated_layers
 from detector.models import create_model
 from detector.recording import _RECORDER, recording
 from detector.semhash import improved_semhash

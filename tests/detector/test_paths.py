@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.decouple import decouple, gated_layers
+from detector.gating import decouple, gated_layers
 from detector.models import create_model
 from detector.paths import compute_path, network_macs
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from detector.checkpoint import ModelSpec
 from detector.conv_executor import current_executor
-from detector.decouple import decouple, gated_layers
+from detector.gating import decouple, gated_layers
 from detector.paths import compute_path
 from detector.sparse import SparseStats, sparse_execution, sparse_forward
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detector.checkpoint import load_checkpoint
-from detector.decouple import gated_layers
+from detector.gating import gated_layers
 from training import decouple as decouple_cmd
 from training import train as train_cmd
 

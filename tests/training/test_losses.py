@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.decouple import decouple, gated_layers
+from detector.gating import decouple, gated_layers
 from detector.models import create_model
 from detector.paths import LayerPath, PathResult, compute_path
 from training.losses import (

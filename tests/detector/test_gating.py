@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from detector.decouple import decouple, gated_layers, strip_gates
 from detector.gates import GatedConv
+from detector.gating import decouple, gated_layers, strip_gates
 from detector.models import create_model
 from detector.recording import recording
 

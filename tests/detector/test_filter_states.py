@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from detector.explain import filter_states
+from detector.filter_states import filter_states
 
 
 def test_filter_states_hand_built():
