@@ -38,6 +38,16 @@ class OverloadedError(RuntimeError):
     """The queue is full; the caller should retry later."""
 
 
+def admit(n: int, *, pending: int, limit: int, closing: bool) -> None:
+    """Admission of a request of ``n`` images with ``pending`` images queued or running:
+    raises :class:`OverloadedError` when the batcher is closing or ``limit`` would be passed."""
+    if closing:
+        raise OverloadedError("the server is shutting down")
+    if pending + n > limit:
+        raise OverloadedError(f"the server is at capacity ({pending} images queued or "
+                              f"running, limit {limit})")
+
+
 @dataclass(frozen=True)
 class BatchResult:
     """One request's rows of a forward pass.
@@ -161,14 +171,10 @@ class MicroBatcher:
         Raises :class:`OverloadedError` if the queue cannot take n more images, and whatever
         ``run`` raised for the batch.
         """
-        if self._closing:
-            raise OverloadedError("the server is shutting down")
+        n = len(images)
+        admit(n, pending=self._pending, limit=self.max_pending, closing=self._closing)
         if self._collector is None:
             raise RuntimeError("MicroBatcher.submit before start()")
-        n = len(images)
-        if self._pending + n > self.max_pending:
-            raise OverloadedError(f"the server is at capacity ({self._pending} images queued or "
-                             f"running, limit {self.max_pending})")
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(images, future, time.perf_counter()))
         self._queued_images += n

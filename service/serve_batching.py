@@ -26,7 +26,7 @@ import torch
 from ray import serve
 
 from detector.analysis import Analysis
-from service.batching import BatchResult, OverloadedError
+from service.batching import BatchResult, admit
 
 
 def _images(items: list[tuple[torch.Tensor, float]]) -> int:
@@ -82,14 +82,10 @@ class ServeBatcher:
         Raises :class:`OverloadedError` if closing or if n more images would exceed
         ``max_pending``, and whatever ``run`` raised for the batch.
         """
-        if self._closing:
-            raise OverloadedError("the server is shutting down")
+        n = len(images)
+        admit(n, pending=self._pending, limit=self.max_pending, closing=self._closing)
         if self._idle is None:
             raise RuntimeError("ServeBatcher.submit before start()")
-        n = len(images)
-        if self._pending + n > self.max_pending:
-            raise OverloadedError(f"the server is at capacity ({self._pending} images queued or "
-                                  f"running, limit {self.max_pending})")
         self._pending += n
         self._idle.clear()
         try:

@@ -197,14 +197,24 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool 
     aug = Augmentation() if augment is True else augment or None
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(y), generator=g) if shuffle else torch.arange(len(y))
+    yield from batches_in_order(x, y, order, batch_size, aug, g, seed=seed, epoch=epoch)
+
+
+def batches_in_order(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int,
+                     augment: Augmentation | None, generator: torch.Generator, *, seed: int,
+                     epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``batch_size`` images of x: (N, C, H, W) uint8, y: (N,) taken in ``order``
+    (M,) int64 indices, as (images (B, C, H, W) float32 in [0, 1], labels (B,)); crops come
+    from ``generator``; with ``alternate_flip`` every image's flip state is drawn once from
+    ``seed`` and inverted on odd epochs."""
     flips = None
-    if aug is not None and aug.alternate_flip:
+    if augment is not None and augment.alternate_flip:
         flips = (torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < 0.5)
         flips ^= bool(epoch % 2)
-    for i in range(0, len(y), batch_size):
+    for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         xb = to_float(x[idx])
-        if aug is not None:
-            xb = augment_crop_flip(xb, g, aug.translate, aug.padding,
+        if augment is not None:
+            xb = augment_crop_flip(xb, generator, augment.translate, augment.padding,
                                    None if flips is None else flips[idx])
         yield xb, y[idx]

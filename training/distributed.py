@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from training.data import augment_crop_flip, to_float
+from training.data import batches_in_order
 from training.recipe import Augmentation
 
 log = logging.getLogger(__name__)
@@ -126,18 +126,8 @@ def shard_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: Rank,
                                  shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler), dtype=torch.int64)
-    flips = None
-    if augment is not None and augment.alternate_flip:
-        flips = (torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < 0.5)
-        flips ^= bool(epoch % 2)
     g = torch.Generator().manual_seed((seed + epoch) * 1_000_003 + rank.rank)
-    for i in range(0, len(order), local):
-        idx = order[i:i + local]
-        xb = to_float(x[idx])
-        if augment is not None:
-            xb = augment_crop_flip(xb, g, augment.translate, augment.padding,
-                                   None if flips is None else flips[idx])
-        yield xb, y[idx]
+    yield from batches_in_order(x, y, order, local, augment, g, seed=seed, epoch=epoch)
 
 
 @dataclass
