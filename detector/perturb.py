@@ -2,7 +2,7 @@
 
 They live here, not in ``training``, so that the service can craft a perturbed copy of an image
 (its optional "perturb it" demo, :mod:`service.perturb`) without the ``train`` extra: the same
-functions make the FGSM and PGD examples of ``training.attacks``. Both follow torchattacks
+functions make the FGSM and PGD examples of ``evaluation.attacks``. Both follow torchattacks
 3.5.1 step for step (the same operations in the same order, the same use of torch's global
 random generator for PGD's start), so the committed results, crafted with torchattacks, are
 reproduced exactly; ``tests/training/test_attacks.py`` checks that.

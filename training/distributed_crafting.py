@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.attacks import AttackSpec
+from evaluation.attacks import AttackSpec
 from training.distributed import Rank, gather_to_main
 from training.experiment import AdvSet, Sets, assign_attacks, craft_set, extract_paths
 

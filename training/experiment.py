@@ -15,7 +15,7 @@ from torch import nn
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
 from detector.paths import compute_path
-from training.attacks import AttackSpec, craft
+from evaluation.attacks import AttackSpec, craft
 from training.evaluation import detection_metrics
 
 

@@ -31,9 +31,9 @@ from detector.checkpoint import load_checkpoint
 from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import PathProfile
 from detector.paths import network_macs
+from evaluation.attacks import AttackSpec
 from training import decouple as decouple_cmd
 from training import train as train_cmd
-from training.attacks import AttackSpec
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
 from training.data import ImageData, to_float
 from training.distributed import Rank, process_group

@@ -50,7 +50,7 @@ from matplotlib.colors import LinearSegmentedColormap
 
 from detector.checkpoint import load_checkpoint
 from detector.filter_states import filter_states
-from training.attacks import AttackSpec, craft
+from evaluation.attacks import AttackSpec, craft
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
 from training.data import ImageData, to_float
 from training.experiment import extract_paths, predict

@@ -32,7 +32,7 @@ from detector.features import PathProfile
 from detector.gating import gated_layers
 from detector.manifest import Manifest
 from detector.paths import network_macs
-from training.attacks import AttackSpec, craft
+from evaluation.attacks import AttackSpec, craft
 from training.data import load_dataset, to_float
 from training.experiment import correct_subset, extract_paths
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.attacks import AttackSpec
+from evaluation.attacks import AttackSpec
 from training.distributed_crafting import Job, Side, job_cost, plan, share
 from training.experiment import assign_attacks
 from training.fit_detector import ADVERSARIAL

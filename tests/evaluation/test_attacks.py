@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detector.checkpoint import load_checkpoint
-from training.attacks import ATTACKS, AttackSpec, craft
+from evaluation.attacks import ATTACKS, AttackSpec, craft
 from training.data import load_dataset, to_float
 
 
