@@ -11,7 +11,8 @@ For each decoupled checkpoint this measures, on real test images and CPU threads
 - ``gated+path`` / ``sparse+path``: the same through :func:`detector.paths.compute_path` (what a
   detector needs: logits plus the recorded computation path);
 - ``pruned`` (small_cnn only): the dense twin with the filters that never open on the check
-  images removed, i.e. static pruning of the silent filters, the speed gating has to beat;
+  images removed (:func:`detector.pruning.pruned_twin`), i.e. static pruning of the silent
+  filters, the speed gating has to beat;
 
 at batch 1 and batch 32, interleaving the modes and reporting medians over ``--repeats`` runs,
 with latency ratios against ``dense``. It also checks over ``--n-check`` test images, at batch 1
@@ -33,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import statistics
@@ -47,16 +47,12 @@ from typing import Any
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as ``python benchmarks/speed.py`` from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from detector.checkpoint import ModelSpec, load_checkpoint  # noqa: E402
-from detector.gating import gated_layers, strip_gates  # noqa: E402
-from detector.models import SmallCNN  # noqa: E402
-from detector.paths import PathResult, compute_path, network_macs  # noqa: E402
-from detector.sparse import DENSE_ABOVE, SparseStats, sparse_execution  # noqa: E402
-from training.data import ImageData, load_dataset, to_float  # noqa: E402
+from detector.checkpoint import ModelSpec, load_checkpoint
+from detector.gating import gated_layers, strip_gates
+from detector.paths import PathResult, compute_path, network_macs
+from detector.pruning import open_ever, pruned_twin
+from detector.sparse import DENSE_ABOVE, SparseStats, sparse_execution
+from training.data import ImageData, load_dataset, to_float
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -110,55 +106,6 @@ def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: 
                 runs[m](x)
                 times[m].append(now() - t0)
     return {m: 1e3 * statistics.median(t) for m, t in times.items()}
-
-
-def open_ever(model: nn.Module, images: torch.Tensor, chunk: int = 256
-              ) -> dict[str, torch.Tensor]:
-    """Gated layer name -> (C,) bool: filter open for at least one of ``images``."""
-    alive: dict[str, torch.Tensor] = {}
-    with torch.inference_mode():
-        for i in range(0, images.shape[0], chunk):
-            path = compute_path(model, images[i:i + chunk], pooled=False)
-            for name, layer in path.layers.items():
-                seen = layer.bits.bool().any(dim=0)
-                alive[name] = seen | alive[name] if name in alive else seen
-    return alive
-
-
-def pruned_twin(dense: nn.Module, alive: dict[str, torch.Tensor]) -> nn.Module | None:
-    """The dense twin of a decoupled small_cnn with every filter in ``alive`` that never opened
-    removed (static pruning of the silent filters, the baseline gating must beat); None for
-    other architectures (residual adds and flattening classifiers need more surgery).
-
-    alive: gated layer name -> (C,) bool, filter open for at least one input. High-energy and
-    dynamic filters stay and always run, so the twin's logits differ from the gated network's.
-    """
-    if not isinstance(dense, SmallCNN):
-        return None
-    twin = copy.deepcopy(dense)
-    layers, keep_in = twin.features, None
-    for i, conv in enumerate(list(layers)):
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        bn = layers[i + 1]
-        keep = alive.get(f"features.{i}", torch.ones(conv.out_channels, dtype=torch.bool)).clone()
-        keep[int(keep.float().argmax())] = True  # at least one filter, so shapes stay valid
-        weight = conv.weight.detach()[keep]
-        weight = weight if keep_in is None else weight[:, keep_in]
-        new_conv = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride,
-                             conv.padding, bias=False)
-        new_bn = nn.BatchNorm2d(weight.shape[0], eps=bn.eps)
-        with torch.no_grad():
-            new_conv.weight.copy_(weight)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(new_bn, name).copy_(getattr(bn, name)[keep])
-        layers[i], layers[i + 1], keep_in = new_conv, new_bn, keep
-    fc = twin.classifier
-    twin.classifier = nn.Linear(int(keep_in.sum()), fc.out_features)
-    with torch.no_grad():
-        twin.classifier.weight.copy_(fc.weight[:, keep_in])
-        twin.classifier.bias.copy_(fc.bias)
-    return twin.eval()
 
 
 TIE = 1e-4

@@ -1,12 +1,12 @@
-"""Pure pieces of benchmarks/speed.py: the statically pruned twin and the open-ever mask."""
+"""detector.pruning: the open-ever mask and the statically pruned twin."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.speed import open_ever, pruned_twin
 from detector.checkpoint import ModelSpec
 from detector.gating import gated_layers, strip_gates
+from detector.pruning import open_ever, pruned_twin
 
 
 def test_pruned_twin_equals_gates_that_never_change() -> None:
