@@ -1,16 +1,20 @@
 """Self-describing model checkpoints: safetensors weights + the spec that rebuilds the network.
 
-A checkpoint directory holds ``weights.safetensors`` and ``model.json`` (a :class:`ModelSpec`).
-Nothing is unpickled: the architecture is rebuilt by name from this package.
+A checkpoint directory holds ``weights.safetensors`` and ``model.json`` (a :class:`ModelSpec`);
+a decoupled one may also hold ``class_heads.safetensors``, the per-layer classifiers q(y | z^l) of
+the decoupling's mutual-information loss (:func:`save_class_heads`). Nothing is unpickled: the
+architecture is rebuilt by name from this package.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,6 +23,7 @@ from detector.models import create_model
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "model.json"
+CLASS_HEADS_FILE = "class_heads.safetensors"
 
 
 @dataclass(frozen=True)
@@ -105,3 +110,19 @@ def load_checkpoint(directory: Path) -> tuple[nn.Module, ModelSpec]:
     model = spec.build()
     load_weights(model, weights_path)
     return model.eval(), spec
+
+
+def save_class_heads(directory: Path, heads: Mapping[str, torch.Tensor]) -> None:
+    """Write the per-layer class heads: gated layer name -> (K, C) weight of the bias-free
+    linear classifier q(y | z^l) = softmax(W z^l) on the layer's gate bits z^l in {0, 1}^C."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().float().contiguous() for k, v in heads.items()},
+              str(directory / CLASS_HEADS_FILE))
+    (directory / CLASS_HEADS_FILE).chmod(0o644)
+
+
+def load_class_heads(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The class heads saved in ``directory`` (layer -> (K, C) float32), or None if it has none
+    (base networks, and decoupled runs from before the heads were kept)."""
+    path = directory / CLASS_HEADS_FILE
+    return dict(load_file(str(path))) if path.is_file() else None

@@ -3,11 +3,12 @@ the decoupling losses (cross-entropy + KL alignment + mutual information + spars
 
 Output: ``<out>/weights.safetensors``, ``model.json``, ``config.json``, ``metrics.json``,
 ``filter_states.json`` and ``filter_states.png`` (high-energy / dynamic / silent filters per
-gated layer over the test split).
+gated layer over the test split), and ``class_heads.safetensors``: the variational classifiers
+q(y | z^l) of the MI loss, one per gated layer, which the detector reads as each layer's class
+evidence.
 
-``--init RUN`` continues an earlier decoupled run of the same base (its gates and weights) with
-a fresh schedule, so decoupling can run in several sittings; the variational classifiers of the
-MI loss are not part of a checkpoint and start afresh.
+``--init RUN`` continues an earlier decoupled run of the same base (its gates, weights and, if
+it kept them, class heads) with a fresh schedule, so decoupling can run in several sittings.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from detector.checkpoint import (
+    ModelSpec,
+    load_checkpoint,
+    load_class_heads,
+    save_checkpoint,
+    save_class_heads,
+)
 from detector.filter_states import filter_states
 from detector.gating import decouple, gated_layers
 from detector.paths import compute_path, network_macs
@@ -176,6 +183,9 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     layers = gated_layers(model)
     loss_fn = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()},
                              base_spec.num_classes, weights).to(args.device)
+    init_heads = None if args.init is None else load_class_heads(args.init)
+    if init_heads is not None:
+        loss_fn.load_class_heads(init_heads)
     log.info("decoupling %s: %d gated layers, base accuracy %.4f", base_spec.arch, len(layers),
              base_test["accuracy"])
 
@@ -213,6 +223,7 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
         metrics["init_test_accuracy"] = init_test
     states = metrics.pop("filter_states")
     save_checkpoint(out, model, spec)
+    save_class_heads(out, loss_fn.class_heads())
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
     write_json(out / "filter_states.json", states)

@@ -8,6 +8,7 @@ mix (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T); not part of the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,9 @@ class LossWeights:
 class DecouplingLoss(nn.Module):
     """Cross-entropy plus the three decoupling terms; owns the per-layer MI classifiers.
 
-    layers: gated layer name -> its number of filters; the heads are used only in training.
+    layers: gated layer name -> its number of filters. The heads (q(y | z^l), one bias-free
+    linear classifier per gated layer) are kept with the checkpoint (:meth:`class_heads`), so the
+    detector can read each layer's class evidence.
     """
 
     def __init__(self, layers: dict[str, int], num_classes: int, weights: LossWeights) -> None:
@@ -82,6 +85,20 @@ class DecouplingLoss(nn.Module):
         self.weights = weights
         self.names = list(layers)
         self.heads = nn.ModuleList(nn.Linear(c, num_classes, bias=False) for c in layers.values())
+
+    def class_heads(self) -> dict[str, torch.Tensor]:
+        """Gated layer name -> (K, C) weight of its MI head (detached)."""
+        return {n: h.weight.detach() for n, h in zip(self.names, self.heads, strict=True)}
+
+    def load_class_heads(self, heads: Mapping[str, torch.Tensor]) -> None:
+        """Start from saved heads (layer -> (K, C)); a missing or mis-shaped one is a ValueError."""
+        for name, head in zip(self.names, self.heads, strict=True):
+            if name not in heads or heads[name].shape != head.weight.shape:
+                got = None if name not in heads else tuple(heads[name].shape)
+                raise ValueError(f"class head of layer {name!r}: expected "
+                                 f"{tuple(head.weight.shape)}, got {got}")
+            with torch.no_grad():
+                head.weight.copy_(heads[name])
 
     def forward(self, path: PathResult, y: torch.Tensor,
                 teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

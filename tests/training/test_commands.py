@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.checkpoint import load_checkpoint
+from detector.checkpoint import load_checkpoint, load_class_heads
 from detector.gating import gated_layers
 from training import decouple as decouple_cmd
 from training import train as train_cmd
@@ -79,6 +79,18 @@ def test_decouple_writes_run_directory(decoupled_run, base_run):
     assert set(metrics["active_fraction_per_layer"]) == set(layers)
     assert {"total", "ce", "kl", "mi", "sparse"} <= set(metrics["loss_curve"][0])
     assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["base_test_accuracy"] <= 1
+
+
+def test_decouple_keeps_the_class_heads(decoupled_run):
+    """The MI loss's q(y | z^l) heads are saved, one (K, C) weight per gated layer (that they
+    learn is tests/training/test_losses.py's business: one epoch on digits barely moves them)."""
+    model, spec = load_checkpoint(decoupled_run)
+    heads = load_class_heads(decoupled_run)
+    layers = gated_layers(model)
+    assert heads is not None and set(heads) == set(layers)
+    for name, weight in heads.items():
+        assert weight.shape == (spec.num_classes, layers[name].conv.out_channels)
+    assert load_class_heads(decoupled_run.parent / "base") is None
 
 
 def test_decouple_with_distillation_and_isolated_gates(base_run, tmp_path):
@@ -212,6 +224,7 @@ def test_decouple_continues_from_init(decoupled_run, base_run, tmp_path):
     assert metrics["init_test_accuracy"] == pytest.approx(before["test_accuracy"])
     assert (gated_layers(load_checkpoint(out)[0]).keys()
             == gated_layers(load_checkpoint(decoupled_run)[0]).keys())
+    assert load_class_heads(out).keys() == load_class_heads(decoupled_run).keys()
 
 
 def test_decouple_init_must_be_a_matching_decoupled_run(decoupled_run, base_run, capsys,

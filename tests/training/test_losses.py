@@ -181,3 +181,15 @@ def test_isolated_gates_do_not_train_the_layers_before_them():
     # the stem conv feeds the first gate: reached only when the gates are not isolated
     assert grads[False][0] is not None and grads[False][0].abs().sum() > 0
     assert all(g is None or g.abs().sum() == 0 for g in grads[True])
+
+
+def test_class_heads_round_trip_and_refuse_other_shapes():
+    loss = DecouplingLoss({"l1": 3, "l2": 5}, num_classes=6, weights=LossWeights())
+    other = DecouplingLoss({"l1": 3, "l2": 5}, num_classes=6, weights=LossWeights())
+    other.load_class_heads(loss.class_heads())
+    for a, b in zip(loss.heads, other.heads, strict=True):
+        torch.testing.assert_close(a.weight, b.weight)
+    with pytest.raises(ValueError, match=r"'l2'.*\(6, 5\).*\(6, 4\)"):
+        other.load_class_heads({"l1": torch.zeros(6, 3), "l2": torch.zeros(6, 4)})
+    with pytest.raises(ValueError, match=r"'l2'.*got None"):
+        other.load_class_heads({"l1": torch.zeros(6, 3)})
