@@ -67,9 +67,10 @@ from benchmarks.activations import (  # noqa: E402
 from benchmarks.lid import LIDFeatures, noisy_like  # noqa: E402
 from benchmarks.mahalanobis import LEE_EPSILONS, LayerMahalanobis  # noqa: E402
 from detector.checkpoint import ModelSpec, load_checkpoint  # noqa: E402
-from detector.estimator import PathDetector, make_inner, threshold_at_fpr  # noqa: E402
+from detector.estimator import PathDetector, make_inner  # noqa: E402
 from detector.features import PathProfile  # noqa: E402
 from detector.paths import compute_path  # noqa: E402
+from detector.threshold import threshold_at_fpr  # noqa: E402
 from training.data import load_dataset, to_float  # noqa: E402
 from training.evaluation import detection_metrics  # noqa: E402
 from training.experiment import (  # noqa: E402

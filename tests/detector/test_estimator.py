@@ -5,7 +5,8 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from detector.estimator import INNER_MODELS, PathDetector, make_inner, threshold_at_fpr
+from detector.estimator import INNER_MODELS, PathDetector, make_inner
+from detector.threshold import FPRThresholdClassifier
 
 # Principled deviations from the generic classifier checks (xfail, strict: they must fail).
 EXPECTED_FAILED = {
@@ -93,38 +94,21 @@ def test_string_labels_second_sorted_is_adversarial():
     assert (pred[labels == "pgd"] == "pgd").mean() > 0.8
 
 
+def test_path_detector_is_the_fpr_threshold_classifier_over_its_calibrated_model():
+    X, y = blobs(300, 200, shift=1.5)
+    det = PathDetector(random_state=0).fit(X, y)
+    assert isinstance(det, FPRThresholdClassifier)
+    np.testing.assert_allclose(det.positive_score(X), det.predict_proba(X)[:, 1])
+    assert sorted(det.get_params()) == ["calibration", "model", "random_state",
+                                        "target_fpr", "threshold_fraction"]
+
+
 def test_fit_is_reproducible_with_random_state():
     X, y = blobs(300, 200, shift=1.0)
     a = PathDetector(random_state=7).fit(X, y)
     b = PathDetector(random_state=7).fit(X, y)
     assert a.threshold_ == b.threshold_
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
-
-
-def test_split_without_groups_holds_out_clean_only():
-    y = np.r_[np.zeros(80), np.ones(40)].astype(int)
-    fit_idx, hold_idx = PathDetector(threshold_fraction=0.25, random_state=0)._split(y == 1, None)
-    assert len(hold_idx) == 20 and (y[hold_idx] == 0).all()
-    assert set(fit_idx).isdisjoint(hold_idx)
-    assert set(fit_idx) | set(hold_idx) == set(range(120))
-
-
-def test_split_with_groups_keeps_held_out_images_out_of_fitting():
-    # 50 images: clean sample i and its two adversarial versions share group i
-    n = 50
-    groups = np.r_[np.arange(n), np.arange(n), np.arange(n)]
-    positive = np.r_[np.zeros(n), np.ones(2 * n)].astype(bool)
-    fit_idx, hold_idx = PathDetector(threshold_fraction=0.3, random_state=0)._split(
-        positive, groups)
-    held = set(groups[hold_idx])
-    assert not positive[hold_idx].any()
-    assert len(held) == 15
-    assert held.isdisjoint(groups[fit_idx])  # neither clean nor adversarial versions are fitted
-    assert set(groups[fit_idx]) | held == set(range(n))
-    assert len(fit_idx) == 3 * (n - 15)
-    # without groups the adversarial versions of held-out images would be fitted
-    fit_ng, hold_ng = PathDetector(threshold_fraction=0.3, random_state=0)._split(positive, None)
-    assert not set(groups[hold_ng]).isdisjoint(groups[fit_ng])
 
 
 def test_fit_with_groups_uses_the_grouped_split():
@@ -202,17 +186,3 @@ def test_threshold_mask_keeps_the_threshold_on_eligible_clean_samples():
     assert det.predict(fresh_clean).mean() == pytest.approx(0.1, abs=0.05)
     with pytest.raises(ValueError, match="threshold_mask"):
         PathDetector().fit(X, y, threshold_mask=eligible[:10])
-
-
-@pytest.mark.parametrize("scores,fpr,threshold,realised", [
-    # 20 clean scores 0.00 .. 0.95: the 95 % quantile rounded up to a score is 0.95, none above
-    (np.arange(20) / 20, 0.05, 0.95, 0.0),
-    # at 10 %: 0.90, one of 20 above it
-    (np.arange(20) / 20, 0.10, 0.90, 0.05),
-    # ties: the threshold is a score, and only scores strictly above it are flagged
-    (np.array([0.1, 0.5, 0.5, 0.5, 0.9]), 0.5, 0.5, 0.2),
-])
-def test_threshold_at_fpr_by_hand(scores, fpr, threshold, realised):
-    got, fraction = threshold_at_fpr(scores, fpr)
-    assert got == pytest.approx(threshold) and fraction == pytest.approx(realised)
-    assert fraction <= fpr
