@@ -15,10 +15,25 @@ attacking), each layer then gets cheap, explainable statistics:
 - ``margin``: mean |gate logit|, how decisively the gates switched;
 - ``open``: share of open filters.
 
-Global features: softmax confidence, top-1 minus top-2 logit, softmax entropy. Optionally the
-raw bits and gate logits are appended. The per-layer *anomaly* the server reports is
-``logit_dist`` standardised against clean training paths of the same layer (a z-score; values
-above ~3 are unusual).
+Global features: softmax confidence, top-1 minus top-2 logit, softmax entropy.
+
+*Class evidence* (when the profile has class heads): each gated layer's linear classifier
+q(y | z^l) = softmax(W_l z^l + b_l) on its gate bits (the decoupling's mutual-information heads,
+kept in the checkpoint, or heads fitted on clean paths) says which class the path points to at
+that depth. A clean input's evidence agrees with the prediction through the network; an
+adversarial one is pushed into its class late, so early layers still point elsewhere:
+
+- ``head_p``: q^l(class), the layer's probability of the class;
+- ``head_excess``: max_k log q^l(k) - log q^l(class) (>= 0; 0 iff the layer's top class is the
+  class: the agreement indicator is ``head_excess == 0``);
+- ``head_shift``: KL(q^l || q^{l-1}), how much the evidence moved since the previous gated layer
+  (the first layer against the uniform distribution; nats);
+- ``head_kl``: KL(p || q^l) of the network's softmax output p against the layer's evidence.
+
+Optionally the raw bits and gate logits are appended. :data:`FEATURE_GROUPS` names the groups;
+a profile can emit a subset (``groups``), for ablations. The per-layer *anomaly* the server
+reports is ``logit_dist`` standardised against clean training paths of the same layer (a
+z-score; values above ~3 are unusual).
 
 Everything is torch (statistics in float64, features returned as float32), so one
 implementation serves the server, the detector's fitting and the adaptive attacks: with
@@ -28,6 +43,7 @@ differentiable with respect to the input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -38,6 +54,15 @@ from detector.straight_through import straight_through
 
 LAYER_STATS = ("bit_nll", "bit_excess", "hamming", "logit_dist", "logit_excess", "margin", "open")
 GLOBAL_STATS = ("confidence", "logit_margin", "entropy")
+HEAD_STATS = ("head_p", "head_excess", "head_shift", "head_kl")
+#: Feature groups a profile can emit: per-layer gate-bit statistics, gate-logit statistics, the
+#: prediction's statistics and the per-layer class evidence (needs class heads).
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "bits": ("bit_nll", "bit_excess", "hamming", "open"),
+    "gate_logits": ("logit_dist", "logit_excess", "margin"),
+    "prediction": GLOBAL_STATS,
+    "class_evidence": HEAD_STATS,
+}
 _EPS = 1e-6
 _CHUNK_ELEMENTS = 1 << 22  # (rows, K, D) float64 intermediates of layer_stats: 32 MB at most
 
@@ -103,25 +128,63 @@ class PathBatch:
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """Class-conditional statistics of one layer: float64 tensors of shape (K, C)."""
+    """Class-conditional statistics of one layer: float64 tensors of shape (K, C), and optionally
+    its class head q(y | z) = softmax(head_weight @ z + head_bias): (K, C) and (K,) float64."""
 
     freq: torch.Tensor  # P(filter open | class), smoothed into (0, 1)
     mean: torch.Tensor  # mean gate logit per class
     var: torch.Tensor  # gate-logit variance per class (floored)
     anomaly_mean: float  # mean of logit_dist on clean training paths
     anomaly_std: float  # its standard deviation
+    head_weight: torch.Tensor | None = None
+    head_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name in ("freq", "mean", "var"):
             object.__setattr__(self, name, _tensor(getattr(self, name), torch.float64))
+        if self.head_weight is None:
+            if self.head_bias is not None:
+                raise ValueError("a class head bias without its weight")
+            return
+        weight = _tensor(self.head_weight, torch.float64)
+        if weight.shape != self.freq.shape:
+            raise ValueError(f"class head of shape {tuple(weight.shape)} for a layer of "
+                             f"{tuple(self.freq.shape)} (classes, filters)")
+        bias = (torch.zeros(len(weight), dtype=torch.float64) if self.head_bias is None
+                else _tensor(self.head_bias, torch.float64))
+        if bias.shape != (len(weight),):
+            raise ValueError(f"class head bias of shape {tuple(bias.shape)}, expected "
+                             f"({len(weight)},)")
+        object.__setattr__(self, "head_weight", weight)
+        object.__setattr__(self, "head_bias", bias)
+
+    def with_head(self, weight: ArrayLike | None, bias: ArrayLike | None = None) -> LayerProfile:
+        """The same statistics with another class head (None: without one)."""
+        return LayerProfile(self.freq, self.mean, self.var, self.anomaly_mean, self.anomaly_std,
+                            weight, bias)
 
 
 class PathProfile:
-    """Typical computation paths per class, learnt from clean paths (see module doc)."""
+    """Typical computation paths per class, learnt from clean paths (see module doc).
 
-    def __init__(self, layers: dict[str, LayerProfile], include_raw: bool = False) -> None:
+    ``groups``: the feature groups :meth:`transform` emits (names of :data:`FEATURE_GROUPS`);
+    default: every group the profile can compute (``class_evidence`` only with class heads on
+    every layer).
+    """
+
+    def __init__(self, layers: dict[str, LayerProfile], include_raw: bool = False,
+                 groups: tuple[str, ...] | None = None) -> None:
         self.layers = layers
         self.include_raw = include_raw
+        self.has_heads = all(lp.head_weight is not None for lp in layers.values())
+        available = tuple(g for g in FEATURE_GROUPS if g != "class_evidence" or self.has_heads)
+        if groups is None:
+            groups = available
+        unknown = sorted(set(groups) - set(available))
+        if unknown:
+            raise ValueError(f"feature groups {unknown} not available; this profile has "
+                             f"{list(available)}")
+        self.groups = tuple(g for g in FEATURE_GROUPS if g in groups)  # canonical order
         # every layer side by side, so that scoring is a few tensor operations, not a few per
         # layer (small batches are dominated by per-operation overhead): (K, D), D = sum of C
         freq = torch.cat([lp.freq for lp in layers.values()], dim=1)
@@ -137,14 +200,25 @@ class PathProfile:
                                           dtype=torch.float64)
         self._anomaly_std = torch.tensor([lp.anomaly_std for lp in layers.values()],
                                          dtype=torch.float64)
+        if self.has_heads:  # (D, L*K): every layer's head applied to its own filters' bits
+            k = len(freq)
+            self._head_weight = torch.block_diag(*(lp.head_weight.T  # type: ignore[union-attr]
+                                                   for lp in layers.values()))
+            self._head_bias = torch.cat([lp.head_bias for lp in layers.values()])  # type: ignore[misc]
+            self._num_classes = k
 
     @classmethod
     def fit(cls, paths: PathBatch, labels: ArrayLike, num_classes: int,
-            include_raw: bool = False, smoothing: float = 1.0) -> PathProfile:
+            include_raw: bool = False, smoothing: float = 1.0,
+            heads: Mapping[str, ArrayLike | tuple[ArrayLike, ArrayLike]] | None = None
+            ) -> PathProfile:
         """labels: (N,) classes of clean inputs (use correctly classified ones).
 
         Frequencies use Laplace smoothing (``smoothing`` pseudo-counts per outcome); classes
-        without examples fall back to the all-class statistics.
+        without examples fall back to the all-class statistics. ``heads``: class heads to
+        carry, gated layer -> (K, C) weight (bias-free, as the decoupling trains them) or
+        ((K, C) weight, (K,) bias) (as :func:`fit_class_heads` returns); None: no class
+        evidence.
         """
         labels = _tensor(labels).long()
         if len(labels) != len(paths):
@@ -163,21 +237,32 @@ class PathProfile:
                 k_var.append(gl.var(0, unbiased=False))
             var = torch.stack(k_var)
             floor = max(float(torch.quantile(var.flatten(), 0.5)) * 0.01, _EPS)  # numpy's median
+            head = None if heads is None else heads[name]
+            weight, bias = head if isinstance(head, tuple) else (head, None)
             layers[name] = LayerProfile(torch.stack(k_freq), torch.stack(k_mean),
-                                        var.clamp_min(floor), 0.0, 1.0)
+                                        var.clamp_min(floor), 0.0, 1.0, weight, bias)
         dist = cls(layers, include_raw).layer_stats(paths, labels)["logit_dist"]  # (N, L)
         return cls({name: LayerProfile(lp.freq, lp.mean, lp.var, float(dist[:, j].mean()),
-                                       float(dist[:, j].std(unbiased=False)) + _EPS)
+                                       float(dist[:, j].std(unbiased=False)) + _EPS,
+                                       lp.head_weight, lp.head_bias)
                     for j, (name, lp) in enumerate(layers.items())}, include_raw)
+
+    def with_features(self, groups: tuple[str, ...] | None = None,
+                      include_raw: bool | None = None) -> PathProfile:
+        """The same profile emitting other feature groups / raw features (for ablations)."""
+        return PathProfile(self.layers, self.include_raw if include_raw is None else include_raw,
+                           groups)
 
     @property
     def layer_names(self) -> list[str]:
         return list(self.layers)
 
     def layer_stats(self, paths: PathBatch, classes: ArrayLike) -> dict[str, torch.Tensor]:
-        """Per-layer statistics against ``classes`` (N,): stat name -> (N, L) float64.
+        """Per-layer statistics against ``classes`` (N,): stat name -> (N, L) float64
+        (:data:`LAYER_STATS`, and :data:`HEAD_STATS` if the profile has class heads).
 
-        Differentiable in the bits and gate logits of ``paths``.
+        Differentiable in the bits and gate logits (and, for ``head_kl``, the logits) of
+        ``paths``.
         """
         classes = _tensor(classes).long()
         b = torch.cat([paths.bits[k] for k in self.layers], dim=1).to(torch.float64)  # (N, D)
@@ -186,7 +271,25 @@ class PathProfile:
         rows = max(1, _CHUNK_ELEMENTS // (k * d))  # bounds the (rows, K, D) intermediates
         parts = [self._stats(b[i:i + rows], g[i:i + rows], classes[i:i + rows])
                  for i in range(0, len(b), rows)]
-        return {s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
+        stats = {s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
+        if self.has_heads:
+            stats.update(self._class_evidence(b, _tensor(paths.logits), classes))
+        return stats
+
+    def _class_evidence(self, b: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+        """b: (N, D) bits of every layer, logits (N, K), classes (N,) -> HEAD_STATS, (N, L)."""
+        n, k = len(b), self._num_classes
+        log_q = torch.log_softmax((b @ self._head_weight + self._head_bias).view(n, -1, k), -1)
+        q = log_q.exp()  # (N, L, K)
+        picked = log_q.gather(2, classes.view(n, 1, 1).expand(n, log_q.shape[1], 1))[..., 0]
+        uniform = torch.full((n, 1, k), -math.log(k), dtype=log_q.dtype)
+        before = torch.cat([uniform, log_q[:, :-1]], dim=1)
+        log_p = torch.log_softmax(logits.to(torch.float64), 1)[:, None]  # (N, 1, K)
+        return {"head_p": picked.exp(),
+                "head_excess": log_q.max(2).values - picked,
+                "head_shift": (q * (log_q - before)).sum(2),
+                "head_kl": (log_p.exp() * (log_p - log_q)).sum(2)}
 
     def _stats(self, b: torch.Tensor, g: torch.Tensor, classes: torch.Tensor
                ) -> dict[str, torch.Tensor]:
@@ -212,23 +315,36 @@ class PathProfile:
     def transform(self, paths: PathBatch,
                   stats: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(N, F) float32 features: per-layer stats against the predicted class, global
-        prediction statistics, and (if ``include_raw``) raw bits and gate logits.
+        prediction statistics, the per-layer class evidence (the profile's ``groups``; see
+        :meth:`feature_names` for the columns) and (if ``include_raw``) raw bits and gate logits.
 
         ``stats``: :meth:`layer_stats` against the predicted classes, or against any other
         classes the caller chooses (an attacker's target); default: the predicted classes.
         """
         if stats is None:
             stats = self.layer_stats(paths, paths.logits.argmax(1))
-        parts = [stats[s] for s in LAYER_STATS]
-        parts.append(prediction_stats(paths.logits))
+        parts = [stats[s] for s in self._layer_columns()]
+        if "prediction" in self.groups:
+            parts.append(prediction_stats(paths.logits))
+        parts += [stats[s] for s in HEAD_STATS if "class_evidence" in self.groups]
         if self.include_raw:
             parts += [paths.bits[k].to(torch.float64) for k in self.layers]
             parts += [paths.gate_logits[k].to(torch.float64) for k in self.layers]
         return torch.cat(parts, dim=1).to(torch.float32)
 
+    def _layer_columns(self) -> list[str]:
+        """The gate statistics (of :data:`LAYER_STATS`) that the profile's groups emit."""
+        chosen = {s for g in ("bits", "gate_logits") if g in self.groups
+                  for s in FEATURE_GROUPS[g]}
+        return [s for s in LAYER_STATS if s in chosen]
+
     def feature_names(self) -> list[str]:
-        names = [f"{s}[{k}]" for s in LAYER_STATS for k in self.layers]
-        names += list(GLOBAL_STATS)
+        """Names of :meth:`transform`'s F columns, in order: ``stat[layer]`` or a global name."""
+        names = [f"{s}[{k}]" for s in self._layer_columns() for k in self.layers]
+        if "prediction" in self.groups:
+            names += list(GLOBAL_STATS)
+        if "class_evidence" in self.groups:
+            names += [f"{s}[{k}]" for s in HEAD_STATS for k in self.layers]
         if self.include_raw:
             for kind in ("bit", "gate_logit"):
                 names += [f"{kind}[{k}][{i}]" for k, lp in self.layers.items()
@@ -243,6 +359,9 @@ class PathProfile:
                 arrays[f"{i}.{field}"] = getattr(lp, field).contiguous()
             arrays[f"{i}.anomaly"] = torch.tensor([lp.anomaly_mean, lp.anomaly_std],
                                                   dtype=torch.float64)
+            if lp.head_weight is not None:
+                arrays[f"{i}.head_weight"] = lp.head_weight.contiguous()
+                arrays[f"{i}.head_bias"] = lp.head_bias.contiguous()  # type: ignore[union-attr]
         return arrays
 
     @classmethod
@@ -253,8 +372,43 @@ class PathProfile:
         for i, name in enumerate(names):
             a = arrays[f"{i}.anomaly"]
             layers[name] = LayerProfile(*(arrays[f"{i}.{f}"] for f in ("freq", "mean", "var")),
-                                        float(a[0]), float(a[1]))
+                                        float(a[0]), float(a[1]), arrays.get(f"{i}.head_weight"),
+                                        arrays.get(f"{i}.head_bias"))
         return cls(layers, include_raw)
+
+
+def fit_class_heads(paths: PathBatch, labels: ArrayLike, num_classes: int, *,
+                    regularization: float = 1.0, seed: int = 0
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Class heads fitted on clean paths, for networks whose decoupling did not keep its own:
+    per gated layer, a multinomial logistic regression q(y | z) on the gate bits z (scikit-learn,
+    L2 with inverse strength ``regularization``).
+
+    labels: (N,) classes of the paths' inputs. Returns layer -> ((K, C) weight, (K,) bias),
+    float64; a class absent from ``labels`` gets a bias of -30 (probability ~0).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y = _tensor(labels).long().numpy()
+    heads = {}
+    for name, bits in paths.bits.items():
+        x = bits.detach().to(torch.float64).numpy()
+        weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+        bias = torch.full((num_classes,), -30.0, dtype=torch.float64)
+        present = np.unique(y)
+        if len(present) == 1:
+            bias[present] = 0.0
+        else:
+            clf = LogisticRegression(C=regularization, max_iter=1000, random_state=seed)
+            clf.fit(x, y)
+            coef, intercept = clf.coef_, clf.intercept_
+            if len(present) == 2:  # scikit-learn's binary case: one row for the second class
+                coef = np.stack([np.zeros_like(coef[0]), coef[0]])
+                intercept = np.array([0.0, intercept[0]])
+            weight[clf.classes_] = torch.as_tensor(coef, dtype=torch.float64)
+            bias[clf.classes_] = torch.as_tensor(intercept, dtype=torch.float64)
+        heads[name] = (weight, bias)
+    return heads
 
 
 def prediction_stats(logits: torch.Tensor) -> torch.Tensor:
