@@ -76,8 +76,8 @@ from detector.features import PathBatch  # noqa: E402
 from detector.paths import compute_path  # noqa: E402
 from detector.straight_through import STE_KINDS, straight_through_gates  # noqa: E402
 from evaluation.attacks import AttackSpec, craft  # noqa: E402
+from evaluation.protocol import split_by_image  # noqa: E402
 from training.data import ImageData, load_dataset, to_float  # noqa: E402
-from training.experiment import split_by_image  # noqa: E402
 
 log = logging.getLogger("benchmarks.adaptive")
 

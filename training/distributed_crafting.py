@@ -5,8 +5,8 @@ crafting each attack and extracting the paths of its successful examples, over N
 unit of work is one attack on one side (fitting or evaluation), a :class:`Job`:
 
 - every rank draws the per-image attack assignment of each side itself
-  (:func:`training.experiment.assign_attacks`, one generator per side, as a single process);
-- each job is crafted by :func:`training.experiment.craft_set` with the side's seed, which
+  (:func:`evaluation.crafting.assign_attacks`, one generator per side, as a single process);
+- each job is crafted by :func:`evaluation.crafting.craft_set` with the side's seed, which
   reseeds torch before the attack, so a job's result does not depend on the rank that runs it
   or on what that rank ran before: the gathered sets are the single process's, image for image
   (given the same torch threads: a convolution's summation order can depend on them);
@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from evaluation.attacks import AttackSpec
+from evaluation.crafting import assign_attacks, craft_set
+from evaluation.sets import AdvSet, Sets, extract_paths
 from training.distributed import Rank, gather_to_main
-from training.experiment import AdvSet, Sets, assign_attacks, craft_set, extract_paths
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ SQUARE_COST_PER_QUERY = 1 / 3
 class Side:
     """What one side of the job asks for: clean images x (N, C, H, W) in [0, 1] with labels
     y (N,), the attacks, their seed, and ``per_image`` as in
-    :func:`training.experiment.craft_sets`."""
+    :func:`evaluation.crafting.craft_sets`."""
 
     name: str
     x: torch.Tensor
@@ -93,7 +94,7 @@ def share(costs: list[float], world: int) -> list[list[int]]:
 
 def craft_across_ranks(model: nn.Module, sides: list[Side], rank: Rank, *,
                        square_queries: int) -> list[Sets] | None:
-    """The sets :func:`training.experiment.craft_sets` makes for each side, crafted across the
+    """The sets :func:`evaluation.crafting.craft_sets` makes for each side, crafted across the
     ranks; on rank 0 (in ``sides``' order), None elsewhere. Every rank must call it with the
     same arguments."""
     jobs = plan(sides)

@@ -32,25 +32,17 @@ from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import PathProfile
 from detector.paths import network_macs
 from evaluation.attacks import AttackSpec
+from evaluation.crafting import craft_sets
+from evaluation.protocol import evaluate_variant, profile_ids, split_by_image
+from evaluation.report import markdown_report, plot_rocs
+from evaluation.sets import Sets, correct_subset, extract_paths, sets_from_arrays, sets_to_arrays
+from evaluation.shifts import add_noise_negatives, benign_shifts
 from training import decouple as decouple_cmd
 from training import train as train_cmd
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
 from training.data import ImageData, to_float
 from training.distributed import Rank, process_group
 from training.distributed_crafting import Side, craft_across_ranks
-from training.evaluation import markdown_report, plot_rocs
-from training.experiment import (
-    Sets,
-    add_noise_negatives,
-    benign_shifts,
-    correct_subset,
-    craft_sets,
-    evaluate_variant,
-    extract_paths,
-    sets_from_arrays,
-    sets_to_arrays,
-    split_by_image,
-)
 from training.report import write_json
 
 log = logging.getLogger("training.fit_detector")
@@ -189,8 +181,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
 
     # Class-conditional path profile from clean, correctly classified training images.
     if not helper:
-        prof_ids = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(
-            args.seed))[:args.max_profile]
+        prof_ids = profile_ids(len(data.y_train), args.seed, args.max_profile)
         x_prof, y_prof = correct_subset(model, to_float(data.x_train[prof_ids]),
                                         data.y_train[prof_ids])
         profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(),

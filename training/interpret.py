@@ -51,9 +51,9 @@ from matplotlib.colors import LinearSegmentedColormap
 from detector.checkpoint import load_checkpoint
 from detector.filter_states import filter_states
 from evaluation.attacks import AttackSpec, craft
+from evaluation.sets import extract_paths, predict
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
 from training.data import ImageData, to_float
-from training.experiment import extract_paths, predict
 from training.report import plot_filter_states, write_json
 
 log = logging.getLogger("training.interpret")

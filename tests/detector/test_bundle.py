@@ -33,8 +33,8 @@ from detector.gating import gated_layers
 from detector.manifest import Manifest
 from detector.paths import network_macs
 from evaluation.attacks import AttackSpec, craft
+from evaluation.sets import correct_subset, extract_paths
 from training.data import load_dataset, to_float
-from training.experiment import correct_subset, extract_paths
 
 
 @pytest.fixture(scope="module")

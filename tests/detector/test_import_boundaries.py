@@ -1,19 +1,31 @@
-"""The detector package (what inference needs) imports nothing of ``training``, ``service`` or
-``benchmarks``, nor torchattacks (not in the serving install); checked on the source."""
+"""Imports point one way (checked on the source, nothing is imported):
+
+- ``detector`` (what inference needs) imports nothing of ``training``, ``service``,
+  ``evaluation``, ``loadtest`` or ``benchmarks``, nor torchattacks (not in the serving install);
+- ``evaluation`` (the protocol as a library) imports ``detector`` but nothing of ``training``,
+  ``service``, ``loadtest`` or ``benchmarks``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import detector
+import evaluation
 from tests.source_imports import imported_modules
 
-FORBIDDEN = ("training", "service", "benchmarks", "torchattacks")
 
-
-def test_detector_imports_no_other_package_of_the_project():
-    files = sorted(Path(detector.__file__).parent.glob("*.py"))
-    assert len(files) >= 10
+@pytest.mark.parametrize(("package", "forbidden", "at_least"), [
+    (detector, ("training", "service", "evaluation", "loadtest", "benchmarks", "torchattacks"),
+     10),
+    (evaluation, ("training", "service", "loadtest", "benchmarks"), 10),
+], ids=["detector", "evaluation"])
+def test_package_imports_no_forbidden_package(package, forbidden, at_least):
+    root = Path(package.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    assert len(files) >= at_least
     for path in files:
-        bad = {m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN}
-        assert not bad, f"{path.name} imports {sorted(bad)}"
+        bad = {m for m in imported_modules(path) if m.split(".")[0] in forbidden}
+        assert not bad, f"{path.relative_to(root)} imports {sorted(bad)}"

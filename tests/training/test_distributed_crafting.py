@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from evaluation.attacks import AttackSpec
+from evaluation.crafting import assign_attacks
 from training.distributed_crafting import Job, Side, job_cost, plan, share
-from training.experiment import assign_attacks
 from training.fit_detector import ADVERSARIAL
 from training.fit_detector import cli as fit_detector_cli
 

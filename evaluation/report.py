@@ -1,56 +1,26 @@
-"""Detection metrics, ROC curves and the Markdown report of ``training.fit_detector``."""
+"""The ROC plot and the Markdown report of one ``training.fit_detector`` run (its metrics from
+:mod:`evaluation.metrics` and :func:`evaluation.protocol.evaluate_variant`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from matplotlib.figure import Figure
 
-
-def tpr_at_fpr(clean: np.ndarray, adv: np.ndarray, fpr: float) -> float:
-    """Largest TPR whose FPR (on ``clean`` scores) is at most ``fpr``; scores: higher = adv."""
-    f, t, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv])
-    return float(t[f <= fpr].max())
-
-
-def detection_metrics(clean: np.ndarray, adv: np.ndarray, threshold: float,
-                      seed: int = 0) -> dict[str, float]:
-    """Scores of clean (Nc,) and adversarial (Na,) inputs -> metrics.
-
-    auroc; tpr_at_5/1: TPR at 5% / 1% FPR read off this ROC; tpr_at_threshold: share of
-    adversarial inputs flagged at the bundle's threshold; balanced_accuracy: detection accuracy at
-    the threshold on a balanced set (min(Nc, Na) of each, drawn with ``seed``).
-    """
-    if len(adv) == 0:
-        return {"n_adv": 0}
-    labels = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
-    rng = np.random.default_rng(seed)
-    n = min(len(clean), len(adv))
-    c = rng.choice(clean, n, replace=False)
-    a = rng.choice(adv, n, replace=False)
-    return {
-        "n_adv": len(adv),
-        "auroc": float(roc_auc_score(labels, np.r_[clean, adv])),
-        "tpr_at_5": tpr_at_fpr(clean, adv, 0.05),
-        "tpr_at_1": tpr_at_fpr(clean, adv, 0.01),
-        "tpr_at_threshold": float((adv > threshold).mean()),
-        "balanced_accuracy": float(((c <= threshold).sum() + (a > threshold).sum()) / (2 * n)),
-    }
+from evaluation.metrics import roc
 
 
 def plot_rocs(clean: np.ndarray, advs: dict[str, np.ndarray], path: Path, title: str) -> None:
-    """One ROC curve per attack against the same clean scores."""
-    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+    """One ROC curve per attack label against the same clean scores (Nc,); attacks without
+    adversarial examples are left out. Writes a PNG to ``path``."""
+    fig = Figure(figsize=(5.5, 5.0))  # no pyplot: no global figure state, no backend switch
+    ax = fig.subplots()
     for label, adv in advs.items():
         if len(adv) == 0:
             continue
-        f, t, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv])
+        f, t = roc(clean, adv)
         ax.plot(f, t, lw=1.2, label=label)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xscale("symlog", linthresh=0.01)
@@ -62,7 +32,6 @@ def plot_rocs(clean: np.ndarray, advs: dict[str, np.ndarray], path: Path, title:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _fmt(v: Any) -> str:
@@ -70,7 +39,7 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_report(metrics: dict[str, Any]) -> str:
-    """The human-readable report of one fit_detector run."""
+    """The human-readable report of one fit_detector run from its ``metrics.json`` content."""
     cfg, ev = metrics["config"], metrics["evaluation"]
     lines = [
         f"# Detector report: {metrics['name']}",

@@ -1,4 +1,4 @@
-"""Hidden activations of a decoupled network for the baseline detectors of ``baselines.py``.
+"""Hidden activations of a decoupled network for the Mahalanobis and LID baselines.
 
 The baselines read the network's own activations rather than its computation path. By default
 every gate is forced open (:func:`detector.recording.recording` with ``force_open=True``), so the

@@ -1,4 +1,5 @@
-"""Pure pieces of benchmarks/baselines.py: LID estimator, Mahalanobis scores, fitting splits."""
+"""Pure pieces of the baselines (evaluation.baselines): LID estimator, Mahalanobis scores, the
+fitting side and its thresholded logistic regression; noisy negatives; source images."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.lid import LIDFeatures, lid_mle, noisy_like
+from detector.threshold import threshold_at_fpr
+from evaluation.baselines.fit_side import FitSide, fit_logistic
+from evaluation.baselines.lid import LIDFeatures, lid_mle
+from evaluation.sets import source_images
+from evaluation.shifts import noisy_like
 
 
 def test_lid_mle_hand_made() -> None:
@@ -73,7 +78,7 @@ def _manual_mahalanobis(train: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.n
 
 def test_mahalanobis_score_equals_manual_computation() -> None:
     pytest.importorskip("pytorch_ood")
-    from benchmarks.mahalanobis import LayerMahalanobis
+    from evaluation.baselines.mahalanobis import LayerMahalanobis
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
@@ -102,27 +107,27 @@ def test_mahalanobis_score_equals_manual_computation() -> None:
     assert (pre.score(x)[:, 0] < expected).all()
 
 
-def test_held_out_split_and_sources() -> None:
-    from benchmarks.baselines import FitSide, held_out_split, source_images, worst_case
-
+def test_fit_logistic_thresholds_on_held_out_clean_images_only() -> None:
     # 40 clean images (groups 0..39), noisy and adversarial versions of the first 20.
+    rng = np.random.default_rng(0)
     n, m = 40, 20
     y = np.r_[np.zeros(n + m), np.ones(m)]
     groups = np.r_[np.arange(n), np.arange(m), np.arange(m)]
     noisy = np.r_[np.zeros(n, bool), np.ones(m, bool), np.zeros(m, bool)]
+    X = rng.normal(size=(len(y), 3)) + 2.0 * y[:, None]
     side = FitSide(torch.zeros(len(y), 1, 2, 2), y, groups, noisy)
-    fit_mask, hold = held_out_split(side, seed=0)
+    clf = fit_logistic(X, side, target_fpr=0.1, seed=0)
+    fit_idx, hold = clf._split(y == 1, groups, ~noisy)
     assert len(hold) == 10 and not noisy[hold].any() and (y[hold] == 0).all()
-    assert not np.isin(groups[fit_mask], groups[hold]).any()  # held-out images: no version fits
-    assert fit_mask.sum() == len(y) - sum(np.isin(groups, groups[hold]))
+    assert not np.isin(groups[fit_idx], groups[hold]).any()  # held-out images: no version fits
+    held_scores = clf.positive_score(X[hold])
+    assert (clf.threshold_, clf.clean_fpr_) == pytest.approx(threshold_at_fpr(held_scores, 0.1))
 
+
+def test_source_images_are_the_nearest_clean_image_of_the_same_class() -> None:
     clean = torch.rand(6, 1, 3, 3)
     labels = torch.tensor([0, 1, 0, 1, 2, 2])
     adv = (clean[[4, 0, 3]] + 0.05 * torch.randn(3, 1, 3, 3)).clamp(0, 1)
     np.testing.assert_array_equal(source_images(adv, labels[[4, 0, 3]], clean, labels),
                                   [4, 0, 3])
-
-    attacks = {"a": {"n_adv": 3, "auroc": 0.9, "tpr_at_5": 0.2},
-               "b": {"n_adv": 5, "auroc": 0.8, "tpr_at_5": 0.7}, "c": {"n_adv": 0}}
-    assert worst_case(attacks) == {"auroc": 0.8, "auroc_attack": "b", "tpr_at_5": 0.2,
-                                   "tpr_at_5_attack": "a"}
+    assert source_images(clean[:0], labels[:0], clean, labels).shape == (0,)

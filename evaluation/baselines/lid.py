@@ -1,4 +1,5 @@
-"""Local Intrinsic Dimensionality (LID) features of hidden activations.
+"""The LID baseline: Local Intrinsic Dimensionality features of hidden activations, logistic
+regression on them.
 
 Ma, Li, Wang, Erfani, Wijewickrema, Schoenebeck, Song, Houle, Bailey, "Characterizing
 Adversarial Subspaces Using Local Intrinsic Dimensionality", ICLR 2018 (arXiv 1801.02613;
@@ -23,9 +24,15 @@ with its own source image (same group id), so a test input can be scored on its 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
+
+from evaluation.baselines.activations import LOGITS, PENULTIMATE, collect, encoder
+from evaluation.baselines.fit_side import fit_logistic, fit_side
+from evaluation.detector_run import DetectorRun
+from evaluation.protocol import evaluate_scorer
 
 _TINY = 1e-12
 
@@ -45,19 +52,6 @@ def lid_mle(dist: np.ndarray, k: int) -> np.ndarray:
     nearest = np.maximum(nearest, _TINY)
     mean_log = np.log(nearest / nearest[:, -1:]).mean(axis=1)  # <= 0
     return -1.0 / np.minimum(mean_log, -_TINY)
-
-
-def noisy_like(x_clean: torch.Tensor, x_adv: torch.Tensor, seed: int) -> torch.Tensor:
-    """Noisy versions of clean images with the L2 distortion of their adversarial versions.
-
-    x_clean, x_adv: (N, C, H, W) in [0, 1], row i of x_adv made from row i of x_clean. Gaussian
-    noise is scaled to ||x_adv - x_clean||_2 per image and the result clipped to [0, 1] (the
-    paper's "noisy" negatives).
-    """
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x_clean.shape, generator=g)
-    scale = (x_adv - x_clean).flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)
-    return (x_clean + noise * scale.view(-1, 1, 1, 1)).clamp(0.0, 1.0)
 
 
 class LIDFeatures:
@@ -117,3 +111,35 @@ class LIDFeatures:
                 dist[excluded] = np.inf
                 out[q, j] = lid_mle(dist, self.k)
         return out
+
+
+def fit_and_evaluate(run: DetectorRun, layers: list[str], k: int, batch: int,
+                     max_reference: int, force_open: bool, chunk: int = 256) -> dict[str, Any]:
+    """Ma et al. on the run's sets: per-layer LID against minibatches of at most
+    ``max_reference`` clean fitting images, logistic regression, evaluated with
+    :func:`evaluation.protocol.evaluate_scorer`."""
+    names = [*layers, PENULTIMATE, LOGITS]
+    encode = encoder(run.model, names, pooled=False, force_open=force_open)
+    run.model.eval()
+    fit = run.fit
+    ref_ids = np.random.default_rng(run.seed).permutation(len(fit.y_clean))[:max_reference]
+    lid = LIDFeatures(k=k, batch_size=batch, seed=run.seed).fit(
+        collect(encode, fit.x_clean[ref_ids]), ref_ids)
+
+    def features(x: torch.Tensor, groups: np.ndarray | None) -> np.ndarray:
+        parts = []
+        for i in range(0, len(x), chunk):
+            with torch.no_grad():
+                acts = encode(x[i:i + chunk])
+            parts.append(lid.transform(acts, None if groups is None else groups[i:i + chunk]))
+        return np.concatenate(parts)
+
+    side = fit_side(run, with_noisy=True)
+    X = features(side.x, side.groups)
+    clf = fit_logistic(X, side, run.target_fpr, run.seed)
+    out = evaluate_scorer(lambda x: clf.positive_score(features(x, None)), clf.threshold_,
+                          run.evaluation, run.fitted, run.seed)
+    out["details"] = {"layers": names, "k": k, "batch": batch,
+                      "reference_images": len(lid.batches_) * len(lid.batches_[0]),
+                      "noisy_negatives": int(side.noisy.sum())}
+    return out
