@@ -21,55 +21,26 @@ numbers include its cost.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
 import logging
 import statistics
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as ``python benchmarks/serve.py`` from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.harness import metric_value, process_cpu, serving  # noqa: E402
-from detector.bundle import Bundle, load_bundle  # noqa: E402
+from detector.bundle import Bundle, load_bundle
+from loadtest.bodies import encode_image
+from loadtest.server import serving
+from loadtest.throughput import Throughput, classify_request, measure_throughput
 
 log = logging.getLogger("benchmarks.serve")
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    concurrency: int
-    requests: int
-    seconds: float
-    latencies: np.ndarray  # (requests,) seconds
-    mean_batch: float  # images per forward pass on the server during the run
-    server_cpu: float  # CPU seconds the server process used during the run
-    client_cpu: float  # CPU seconds this (client) process used during the run
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.seconds
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q))
 
 
 def sample_png(bundle: Bundle, seed: int = 0) -> bytes:
     """A random image of exactly the model's input size (no resizing on the server)."""
     c, h, w = bundle.spec.input_shape
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(buf, "PNG")
-    return buf.getvalue()
+    return encode_image(np.random.default_rng(seed).integers(0, 256, (h, w, c), dtype=np.uint8))
 
 
 def bare_times(bundle: Bundle, repeats: int, batch: int) -> tuple[float, float]:
@@ -91,63 +62,16 @@ def bare_times(bundle: Bundle, repeats: int, batch: int) -> tuple[float, float]:
     return statistics.median(singles), batch / statistics.median(batches)
 
 
-def batch_stats(metrics_text: str) -> tuple[float, float]:
-    """(sum, count) of the server's inference_batch_size histogram."""
-    return (metric_value(metrics_text, "pathguard_inference_batch_size_sum"),
-            metric_value(metrics_text, "pathguard_inference_batch_size_count"))
-
-
-async def drive(url: str, image: bytes, concurrency: int, requests: int,
-                server_pid: int) -> LoadResult:
-    """``requests`` POSTs of ``image`` from ``concurrency`` concurrent clients.
-
-    Each worker has its own AsyncClient (one keep-alive connection): one client shared by 32
-    tasks spends several ms of CPU per request in its connection pool, which on a small
-    machine is taken from the server under test.
-    """
-    clients = [httpx.AsyncClient(base_url=url, timeout=60.0) for _ in range(concurrency)]
-
-    async def one(client: httpx.AsyncClient) -> float:
-        start = time.perf_counter()
-        r = await client.post("/classify?layers=false",
-                              files={"file": ("x.png", image, "image/png")})
-        if r.status_code != 200:
-            raise RuntimeError(f"/classify answered {r.status_code}: {r.text}")
-        return time.perf_counter() - start
-
-    async def worker(client: httpx.AsyncClient, count: int) -> list[float]:
-        return [await one(client) for _ in range(count)]
-
-    try:
-        await asyncio.gather(*(worker(c, 2) for c in clients))  # connect and warm up
-        before = batch_stats((await clients[0].get("/metrics")).text)
-        shares = [requests // concurrency + (i < requests % concurrency)
-                  for i in range(concurrency)]
-        cpu_server, cpu_client = process_cpu(server_pid), time.process_time()
-        start = time.perf_counter()
-        results = await asyncio.gather(*(worker(c, n) for c, n in zip(clients, shares,
-                                                                       strict=True)))
-        seconds = time.perf_counter() - start
-        cpu_server = process_cpu(server_pid) - cpu_server
-        cpu_client = time.process_time() - cpu_client
-        after = batch_stats((await clients[0].get("/metrics")).text)
-    finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
-    images, passes = after[0] - before[0], after[1] - before[1]
-    return LoadResult(concurrency, requests, seconds,
-                      np.array([t for r in results for t in r]), images / max(passes, 1),
-                      cpu_server, cpu_client)
-
-
-def run_server(args: argparse.Namespace, image: bytes, micro_batch: bool) -> list[LoadResult]:
+def run_server(args: argparse.Namespace, image: bytes, micro_batch: bool) -> list[Throughput]:
+    """Start the server with micro-batching on or off; one run per ``--concurrency`` level."""
     env = {"PATHGUARD_MICRO_BATCH": str(micro_batch).lower(),
            "PATHGUARD_BATCH_WAIT_MS": str(args.batch_wait_ms)}
     with serving(args.bundle, env=env, threads=args.threads) as server:
-        return [asyncio.run(drive(server.url, image, c, args.requests, server.pid))
-                for c in args.concurrency]
+        return [measure_throughput(server.url, classify_request(image), c, args.requests,
+                                   server.pid) for c in args.concurrency]
 
 
-def report(title: str, single: float, batched: float, results: list[LoadResult]) -> None:
+def report(title: str, single: float, batched: float, results: list[Throughput]) -> None:
     print(f"\n{title}")  # noqa: T201
     rows = [f"{'':<24}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'batch':>8}"
             f"{'srv cpu ms/req':>16}{'client cpu ms/req':>19}",

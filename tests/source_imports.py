@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -16,3 +17,15 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
     return names
+
+
+def forbidden_imports(files: Iterable[Path], forbidden: Iterable[str]) -> dict[Path, set[str]]:
+    """File -> the modules it imports from any top-level package in ``forbidden``, for each of
+    ``files`` that imports one."""
+    top = set(forbidden)
+    found = {}
+    for path in files:
+        bad = {m for m in imported_modules(path) if m.split(".")[0] in top}
+        if bad:
+            found[path] = bad
+    return found

@@ -12,14 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from loadtest.browser import chromium, missing_reason
+from loadtest.server import serving
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from PIL import Image  # noqa: E402
-
-from benchmarks.browser import chromium, missing_reason  # noqa: E402
-from benchmarks.harness import serving  # noqa: E402
-
 OUT = ROOT / "docs" / "page"
 #: (name, bundle, sample file, eps for the perturb demo)
 SHOTS = [("mnist", ROOT / "models" / "mnist" / "bundle", "3.png", "0.3"),

@@ -2,7 +2,7 @@
 
 One real server (``python -m service`` in a subprocess, as an operator starts it) with an API
 key and short timeouts serves every test here over real HTTP on 127.0.0.1; the abusive inputs
-come from :mod:`benchmarks.abusive_inputs`. Each test names the behaviour it replaced.
+come from :mod:`loadtest.abusive_inputs`. Each test names the behaviour it replaced.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from benchmarks import abusive_inputs as abusive
-from benchmarks.abuse import measure
-from benchmarks.harness import Server, serving
+from loadtest import abusive_inputs as abusive
+from loadtest.abuse import measure
+from loadtest.server import Server, serving
 from service import routes
 from service.app import create_app
 from service.bodies import INLINE_FORM_BYTES
@@ -340,7 +340,7 @@ def test_head_on_get_routes(http):
 
 # --- the abuse benchmark -------------------------------------------------------------------
 
-#: The answers each abusive class of benchmarks/abuse.py may get (``closed``: the server
+#: The answers each abusive class of loadtest.abusers may get (``closed``: the server
 #: ended the connection, e.g. while an unauthenticated client was still sending its body).
 ALLOWED = {
     "amplification": {"400", "413"}, "decode_bombs": {"400", "413"}, "chunk_png": {"413"},
@@ -351,8 +351,9 @@ ALLOWED = {
 
 
 def test_abuse_benchmark_refuses_every_class(server):
-    """benchmarks/abuse.py, briefly: every abusive class gets its 4xx (or is cut off), no
-    5xx, no failed valid request (latency and memory ratios need the full run)."""
+    """The abuse benchmark (loadtest.abuse, which benchmarks/abuse.py runs), briefly: every
+    abusive class gets its 4xx (or is cut off), no 5xx, no failed valid request (latency and
+    memory ratios need the full run)."""
     result = measure(server, KEY, rate=10.0, duration_s=1.5, warmup_s=0.5, slow=1,
                      pause_s=0.1)
     assert result["baseline"]["requests"] == result["abuse"]["requests"] == 15

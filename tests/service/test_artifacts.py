@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 
 import detector
 import service
-from benchmarks.harness import server_env
 from detector.bundle import DETECTOR, FORMAT_VERSION, MANIFEST, PROFILE, WEIGHTS, BundleError
 from detector.checkpoint import ModelSpec
+from loadtest.server import server_env
 from service.app import create_app
 from service.config import Settings
 

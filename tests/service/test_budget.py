@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import abusive_inputs as abusive
+from loadtest import abusive_inputs as abusive
+from loadtest.hostile_corpus import by_name
+from loadtest.image_bytes import PNG_HEADER_END, png, png_chunk
 from service import budget
 from service.imaging import DecodeErrorKind, ImageDecodeError, decode_image
 
@@ -43,7 +46,6 @@ def test_ordinary_images_pass(image, fmt, options):
 
 
 def test_interlaced_and_16_bit_pngs_hold_all_their_rows():
-    from benchmarks.hostile_corpus import by_name
     for name in ("interlaced.png", "sixteen_bit.png", "rgb16.png", "apng.png"):
         layout = budget.png_layout(by_name(name).make())
         assert layout is not None, name
@@ -64,9 +66,10 @@ def test_png_chunk_limits():
     budget.png_layout(abusive.chunk_bomb_png(budget.MAX_PNG_CHUNKS - 3))
     with pytest.raises(budget.TooComplexError, match="more than 4096 chunks"):
         budget.png_layout(abusive.chunk_bomb_png(budget.MAX_PNG_CHUNKS))
-    base = abusive.grey_png(8, 8, (b"\x00" + bytes(8)) * 8)
-    ztxt = abusive.png_chunk(b"zTXt", b"k\x00\x00" + b"x\x9c\x03\x00\x00\x00\x00\x01")
-    many = base[:33] + ztxt * (budget.MAX_PNG_COMPRESSED_METADATA + 1) + base[33:]
+    base = png(8, 8, zlib.compress((b"\x00" + bytes(8)) * 8, 9))
+    ztxt = png_chunk(b"zTXt", b"k\x00\x00" + b"x\x9c\x03\x00\x00\x00\x00\x01")
+    many = (base[:PNG_HEADER_END] + ztxt * (budget.MAX_PNG_COMPRESSED_METADATA + 1)
+            + base[PNG_HEADER_END:])
     with pytest.raises(budget.TooComplexError, match="compressed text"):
         budget.png_layout(many)
 

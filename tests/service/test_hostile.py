@@ -1,9 +1,11 @@
-"""Hostile uploads: every file of benchmarks/hostile_corpus.py gets its expected answer, the
-server stays healthy afterwards, and mutated images never crash the decoder."""
+"""Hostile uploads: every file of the hostile corpus (loadtest.hostile_corpus) gets its expected
+answer, the server stays healthy afterwards, and mutated images never crash the decoder."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,17 +15,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.hostile_corpus import (
-    CORPUS,
-    HostileFile,
-    colour,
-    digit_png,
-    encode,
-    grey,
-    main,
-    multipart,
-    problems,
-)
+from loadtest.hostile_check import problems, upload
+from loadtest.hostile_corpus import CORPUS, HostileFile, digit_png
+from loadtest.image_bytes import colour, encode, grey
 from service.app import create_app
 from service.config import Settings
 from service.imaging import ImageDecodeError, decode_image
@@ -37,7 +31,7 @@ def hostile_client(make_settings: Callable[..., Settings]) -> Iterator[TestClien
 
 
 def post(client: TestClient, item: HostileFile, data: bytes) -> tuple[int, object]:
-    body, content_type = multipart(item, data)
+    body, content_type = upload(item, data)
     r = client.post("/classify", content=body, headers={"Content-Type": content_type})
     assert r.headers["content-type"] == "application/json", r.text[:200]
     return r.status_code, r.json()
@@ -80,13 +74,17 @@ def test_server_is_healthy_after_the_corpus(hostile_client: TestClient) -> None:
     assert sum(float(n) for _, n in route_counts) >= len(CORPUS)
 
 
-def test_script_writes_the_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path)]) == 0
+def test_script_writes_the_corpus(tmp_path: Path) -> None:
+    """``python benchmarks/hostile_corpus.py DIR`` (run as a user runs it) writes every file."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "hostile_corpus.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     written = {p.name for p in tmp_path.iterdir()}
     assert written == {f.name for f in CORPUS} | {"expected.json"}
     assert (tmp_path / "empty.png").stat().st_size == 0
     assert (tmp_path / "too_big_body.png").stat().st_size == 9 << 20
-    assert f"wrote {len(CORPUS)} files" in capsys.readouterr().out
+    assert f"wrote {len(CORPUS)} files" in proc.stdout
 
 
 #: Valid images of every allowed format to mutate.

@@ -1,4 +1,5 @@
-"""benchmarks/load.py: its request mix, its verdict, and a short run against the real server.
+"""The load test (loadtest.load_test, run by benchmarks/load.py): its request mix, its verdict,
+and a short run against the real server.
 
 The short run doubles as a check that every hostile request the load test sends still gets
 the status and error code docs/SERVICE.md documents.
@@ -7,26 +8,26 @@ the status and error code docs/SERVICE.md documents.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.harness import serving
-from benchmarks.load import (
-    KINDS,
-    Outcome,
-    Payloads,
-    main,
-    multipart,
-    plan,
-    report,
-    server_settings,
-    summarize,
-)
+from loadtest.bodies import multipart
+from loadtest.clients import Outcome
+from loadtest.load_test import LoadTest, run_load_test, server_settings
+from loadtest.request_mix import KINDS, Payloads, kind_index, plan
+from loadtest.server import ServerError, serving
+from loadtest.summary import report, summarize
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
 
 
-def kind(name: str) -> int:
-    return next(i for i, k in enumerate(KINDS) if k.name == name)
+def arrays(digits_test) -> tuple[np.ndarray, np.ndarray]:
+    """The digits test split as (450, 1, 8, 8) uint8 images and (450,) labels."""
+    return digits_test[0].numpy(), digits_test[1].numpy()
 
 
 def test_settings_follow_overrides():
@@ -64,16 +65,16 @@ def _summary(outcomes: list[Outcome], after_run: float = 100.0, alive: bool = Tr
 
 
 def test_criteria_catch_each_failure():
-    ok = [Outcome(kind("classify"), 200, None, 0.01, 1, 1),
-          Outcome(kind("empty_file"), 400, "empty", 0.01)]
+    ok = [Outcome(kind_index("classify"), 200, None, 0.01, 1, 1),
+          Outcome(kind_index("empty_file"), 400, "empty", 0.01)]
     good = _summary(ok)
     assert good.passed and good.valid["accuracy"] == 1.0
     assert good.valid["throughput_rps"] == 0.5
     failures = {
-        "valid requests all 200": [Outcome(kind("classify"), 503, "overloaded", 0.01)],
-        "no 5xx": [Outcome(kind("empty_file"), 500, "internal", 0.01)],
-        "no transport errors": [Outcome(kind("gif"), 0, "ReadError", 0.01)],
-        "invalid requests get their 4xx": [Outcome(kind("gif"), 400, "corrupt_image", 0.01)],
+        "valid requests all 200": [Outcome(kind_index("classify"), 503, "overloaded", 0.01)],
+        "no 5xx": [Outcome(kind_index("empty_file"), 500, "internal", 0.01)],
+        "no transport errors": [Outcome(kind_index("gif"), 0, "ReadError", 0.01)],
+        "invalid requests get their 4xx": [Outcome(kind_index("gif"), 400, "corrupt_image", 0.01)],
     }
     for name, extra in failures.items():
         s = _summary(ok + extra)
@@ -85,15 +86,13 @@ def test_criteria_catch_each_failure():
 
 
 @pytest.mark.slow
-def test_short_run_against_the_real_server(bundle_dir, tmp_path, capsys):
-    out = tmp_path / "load.json"
-    status = main(["--bundle", str(bundle_dir), "--data", "digits", "--requests", "100",
-                   "--warmup", "10", "--concurrency", "4", "--invalid-fraction", "0.6",
-                   "--seed", "1", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert status == 0, text
+def test_short_run_against_the_real_server(bundle_dir, digits_test):
+    summary = run_load_test(bundle_dir, *arrays(digits_test), LoadTest(
+        requests=100, warmup=10, concurrency=4, invalid_fraction=0.6, seed=1), source="digits")
+    text = report(summary)
+    assert summary.passed, text
     assert "load test PASSED" in text
-    result = json.loads(out.read_text())
+    result = json.loads(json.dumps(summary.to_json()))
     assert result["passed"] and result["valid"]["failed"] == 0
     assert result["invalid"]["unexpected"] == 0
     assert sum(k["count"] for k in result["kinds"].values()) == 100
@@ -107,40 +106,50 @@ def test_rss_criterion_left_out_when_not_measured():
     cpu = {"server_s": nan, "client_s": 0.1, "images_per_pass": nan}
     machine = {"cpus": 2, "load_before": [0.0] * 3, "load_after": [0.0] * 3, "nice": 0}
     config = {"bundle": "b", "model": "m", "concurrency": 1, "url": "http://127.0.0.1:1"}
-    s = summarize([Outcome(kind("classify"), 200, None, 0.01, 1, 1)], 1.0, config, machine,
+    s = summarize([Outcome(kind_index("classify"), 200, None, 0.01, 1, 1)], 1.0, config, machine,
                   rss, cpu, 0.10, True)
     assert s.passed and not any(name.startswith("RSS") for name in s.criteria)
     text = report(s)
     assert "RSS: not measured" in text and "at http://127.0.0.1:1" in text
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--url", "127.0.0.1:8000"], "--url must be an http:// or https:// base URL, got "
-                                  "'127.0.0.1:8000'"),
-    (["--pid", "1"], "--pid 1: needs --url"),
+@pytest.mark.parametrize(("options", "message"), [
+    ({"url": "127.0.0.1:8000"}, "url must be an http:// or https:// base URL, got "
+                                "'127.0.0.1:8000'"),
+    ({"pid": 1}, "pid 1: needs url"),
+    ({"invalid_fraction": 1.5}, "invalid_fraction must be in [0, 1], got 1.5"),
+    ({"requests": 0}, "requests (0) and concurrency (64) must be >= 1"),
+    ({"server_env": {"MAX_QUEUE": "8"}}, "PATHGUARD_* settings only, got ['MAX_QUEUE']"),
 ])
-def test_external_server_options_are_checked(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+def test_options_are_checked(options, message):
+    with pytest.raises(ValueError) as e:
+        LoadTest(**options)
+    assert message in str(e.value)
 
 
-def test_url_without_a_server_fails_naming_it(bundle_dir):
-    with pytest.raises(SystemExit, match=r"--url http://127\.0\.0\.1:9/: no server"):
-        main(["--url", "http://127.0.0.1:9/", "--bundle", str(bundle_dir), "--data", "digits",
-              "--requests", "1"])
+def test_script_refuses_bad_options_with_usage():
+    """``python benchmarks/load.py`` (run as a user runs it) turns a bad option into argparse's
+    exit status 2 and the message."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--url", "127.0.0.1:8000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "url must be an http:// or https:// base URL" in proc.stderr
+    assert proc.stderr.startswith("usage: load.py")
+
+
+def test_url_without_a_server_fails_naming_it(bundle_dir, digits_test):
+    with pytest.raises(ServerError, match=r"no server answers .* at http://127\.0\.0\.1:9/"):
+        run_load_test(bundle_dir, *arrays(digits_test),
+                      LoadTest(url="http://127.0.0.1:9/", requests=1))
 
 
 @pytest.mark.slow
-def test_short_run_against_an_external_server(bundle_dir, tmp_path, capsys):
-    out = tmp_path / "load.json"
+def test_short_run_against_an_external_server(bundle_dir, digits_test):
     with serving(bundle_dir) as server:
-        status = main(["--url", server.url, "--pid", str(server.pid), "--bundle",
-                       str(bundle_dir), "--data", "digits", "--requests", "60", "--warmup",
-                       "5", "--concurrency", "4", "--seed", "3", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert status == 0, text
-    result = json.loads(out.read_text())
+        summary = run_load_test(bundle_dir, *arrays(digits_test), LoadTest(
+            requests=60, warmup=5, concurrency=4, seed=3, url=server.url, pid=server.pid))
+    assert summary.passed, report(summary)
+    result = summary.to_json()
     assert result["config"]["url"] == server.url and result["valid"]["failed"] == 0
     assert result["rss"]["after_run"] > 0 and result["cpu"]["server_s"] > 0
     assert "RSS growth within 10%" in result["criteria"]

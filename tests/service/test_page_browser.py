@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.browser import chromium, missing_reason
-from benchmarks.harness import serving
+from loadtest.browser import chromium, missing_reason
+from loadtest.server import serving
 from service.web import SAMPLES_DIR
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,9 @@ import httpx
 import ray
 from ray import serve
 
-from benchmarks.harness import free_port
+from loadtest.load_test import LoadTest, run_load_test
+from loadtest.server import free_port
+from loadtest.summary import report
 from service.app import create_app
 from service.config import Settings
 from service.ray_serve import DEPLOYMENT, build_app, deployment_options, pathguard_app
@@ -130,18 +131,15 @@ def test_concurrent_requests_are_batched_and_metered(serve_url, pngs):
     assert 'route="/classify"' in metrics.text
 
 
-def test_holds_the_load_benchmark(serve_url, bundle_dir, tmp_path, capsys):
-    """benchmarks/load.py pointed at the 2 replicas: no failed valid request, no 5xx."""
-    from benchmarks.load import main as load_main
-
-    out = tmp_path / "load.json"
-    status = load_main(["--url", serve_url, "--bundle", str(bundle_dir), "--data", "digits",
-                        "--requests", "120", "--warmup", "10", "--concurrency", "4",
-                        "--set", "PATHGUARD_MAX_FILES=4", "--set", "PATHGUARD_MAX_QUEUE=64",
-                        "--seed", "2", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert status == 0, text
-    result = json.loads(out.read_text())
+def test_holds_the_load_benchmark(serve_url, bundle_dir, digits_test):
+    """The load test (benchmarks/load.py --url) pointed at the 2 replicas: no failed valid
+    request, no 5xx."""
+    x, y = digits_test[0].numpy(), digits_test[1].numpy()
+    summary = run_load_test(bundle_dir, x, y, LoadTest(
+        url=serve_url, requests=120, warmup=10, concurrency=4, seed=2,
+        server_env={"PATHGUARD_MAX_FILES": "4", "PATHGUARD_MAX_QUEUE": "64"}))
+    assert summary.passed, report(summary)
+    result = summary.to_json()
     assert result["valid"]["failed"] == 0 and result["invalid"]["unexpected"] == 0
     assert not any(s.startswith("5") for s in result["statuses"]), result["statuses"]
     assert sum(k["count"] for k in result["kinds"].values()) == 120

@@ -7,7 +7,7 @@ import signal
 
 import httpx
 
-from benchmarks.harness import serving
+from loadtest.server import serving
 from service.__main__ import main
 
 

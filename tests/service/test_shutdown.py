@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.harness import Server, metric_value, serving
+from loadtest.metrics import metric_value
+from loadtest.server import Server, serving
 
 HOLD = {"PATHGUARD_BATCH_WAIT_MS": "1000"}  # an idle batcher waits 1 s for company
 

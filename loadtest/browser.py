@@ -1,4 +1,4 @@
-"""Headless Chromium for the page's tests and screenshots: Debian's ``chromium`` driven by
+"""Headless Chromium for the web page's tests and screenshots: Debian's ``chromium`` driven by
 Playwright for Python (``chromium.launch(executable_path=...)``: Playwright's own browser
 download is not used).
 
@@ -21,6 +21,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 
 
 def find_chromium() -> str | None:
+    """The Chromium executable to drive: ``PATHGUARD_CHROMIUM``, else one on the PATH; None."""
     configured = os.environ.get("PATHGUARD_CHROMIUM")
     if configured:
         return configured if os.path.isfile(configured) else None
@@ -28,6 +29,7 @@ def find_chromium() -> str | None:
 
 
 def missing_reason() -> str | None:
+    """Why a browser cannot be driven here (what to install), or None when it can."""
     if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed (it is in the dev extra: pip install -e '.[dev]')"
     if find_chromium() is None:

@@ -1,4 +1,4 @@
-"""Abusive clients for ``benchmarks/abuse.py``: one asyncio client per class of issue 20.
+"""Abusive clients (issue 20): one asyncio client per class of abuse, for :mod:`loadtest.abuse`.
 
 Every client speaks raw HTTP/1.1 over its own sockets (``asyncio.open_connection``), so it can
 lie, stall and send what httpx would refuse to. Each request-sending client sends one request
@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks import abusive_inputs as abusive
-from benchmarks.harness import multipart
+from loadtest import abusive_inputs as abusive
+from loadtest.bodies import multipart
 
 Request = tuple[str, str, dict[str, str], bytes]  # method, path, headers, body
 
