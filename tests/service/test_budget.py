@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import zlib
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from loadtest import abusive_inputs as abusive
 from loadtest.hostile_corpus import by_name
-from loadtest.image_bytes import PNG_HEADER_END, png, png_chunk
+from loadtest.image_bytes import PNG_HEADER_END, colour, encode, grey, png, png_chunk
 from service import budget
 from service.imaging import DecodeErrorKind, ImageDecodeError, decode_image
 
 
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
-def noise(height: int, width: int, mode: str = "RGB") -> Image.Image:
-    channels = len(mode)
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, channels), np.uint8)
-    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-
-
 @pytest.mark.parametrize(("image", "fmt", "options"), [
-    (noise(40, 30), "PNG", {}), (noise(40, 30, "L"), "PNG", {"optimize": True}),
-    (noise(33, 17).convert("P"), "PNG", {"transparency": 2}),
-    (noise(20, 20, "L").convert("1"), "PNG", {}),
-    (noise(64, 64), "JPEG", {"progressive": True}), (noise(64, 64, "L"), "JPEG", {}),
-    (noise(64, 64), "JPEG", {"progressive": True, "optimize": True}),
+    (colour(40, 30), "PNG", {}), (grey(40, 30), "PNG", {"optimize": True}),
+    (colour(33, 17).convert("P"), "PNG", {"transparency": 2}),
+    (grey(20, 20).convert("1"), "PNG", {}),
+    (colour(64, 64), "JPEG", {"progressive": True}), (grey(64, 64), "JPEG", {}),
+    (colour(64, 64), "JPEG", {"progressive": True, "optimize": True}),
 ])
 def test_ordinary_images_pass(image, fmt, options):
     data = encode(image, fmt, **options)
@@ -78,7 +63,7 @@ def test_jpeg_scan_segment_and_junk_limits():
     budget.check_jpeg(abusive.many_scans_jpeg(budget.MAX_JPEG_SCANS))
     with pytest.raises(budget.TooComplexError, match="33 scans"):
         budget.check_jpeg(abusive.many_scans_jpeg(budget.MAX_JPEG_SCANS + 1))
-    jpeg = encode(noise(16, 16), "JPEG")
+    jpeg = encode(colour(16, 16), "JPEG")
     comments = b"\xff\xfe\x00\x03x" * (budget.MAX_JPEG_SEGMENTS + 1)
     with pytest.raises(budget.TooComplexError, match="marker segments"):
         budget.check_jpeg(jpeg[:2] + comments + jpeg[2:])
@@ -97,7 +82,7 @@ def test_aspect_ratio(width, height, ok):
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_with_its_own_size_reported():
-    data = encode(noise(800, 600), "JPEG", quality=90)
+    data = encode(colour(800, 600), "JPEG", quality=90)
     out = decode_image(data, channels=3, size=(28, 28), max_pixels=10**6)
     assert (out.width, out.height, out.mode) == (600, 800, "RGB")
     assert out.resized and not out.converted and out.array.shape == (3, 28, 28)
