@@ -7,6 +7,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from detector.estimator import INNER_MODELS, PathDetector, make_inner
 from detector.threshold import FPRThresholdClassifier
+from tests.blobs import blobs
 
 # Principled deviations from the generic classifier checks (xfail, strict: they must fail).
 EXPECTED_FAILED = {
@@ -21,15 +22,6 @@ EXPECTED_FAILED = {
                          expected_failed_checks=lambda est: EXPECTED_FAILED, xfail_strict=True)
 def test_sklearn_contract(estimator, check):
     check(estimator)
-
-
-def blobs(n_clean, n_adv, shift, seed=0, n_features=3):
-    """Clean ~ N(0, 1), adversarial ~ N(shift, 1) in the first feature; labels 0 / 1."""
-    rng = np.random.default_rng(seed)
-    clean = rng.normal(size=(n_clean, n_features))
-    adv = rng.normal(size=(n_adv, n_features))
-    adv[:, 0] += shift
-    return np.vstack([clean, adv]), np.r_[np.zeros(n_clean), np.ones(n_adv)].astype(int)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from detector.threshold import FPRThresholdClassifier, threshold_at_fpr
+from tests.blobs import blobs
 
 EXPECTED_FAILED = {
     "check_classifiers_train": "predict thresholds the adversarial score at target_fpr on "
@@ -42,15 +43,6 @@ def test_threshold_at_fpr_by_hand(scores, fpr, threshold, realised):
 def test_threshold_at_fpr_needs_clean_scores():
     with pytest.raises(ValueError, match="no clean scores"):
         threshold_at_fpr(np.empty(0), 0.05)
-
-
-def blobs(n_clean, n_adv, shift, seed=0, n_features=2):
-    """Clean ~ N(0, 1), adversarial ~ N(shift, 1) in the first feature; labels 0 / 1."""
-    rng = np.random.default_rng(seed)
-    clean = rng.normal(size=(n_clean, n_features))
-    adv = rng.normal(size=(n_adv, n_features))
-    adv[:, 0] += shift
-    return np.vstack([clean, adv]), np.r_[np.zeros(n_clean), np.ones(n_adv)].astype(int)
 
 
 def test_split_without_groups_holds_out_clean_only():
