@@ -14,6 +14,17 @@ Attack specs are strings ``name`` or ``name:eps`` with eps absolute or a fractio
 - ``deepfool``: Moosavi-Dezfooli et al. 2016, L2, 50 steps, overshoot 0.02 — minimal
   perturbation, no eps;
 - ``square``: Andriushchenko et al. 2020, black-box score-based, ``square_queries`` queries.
+
+Adaptive attacks (:data:`ADAPTIVE`) attack the network *and* a fitted detector, so they need
+the :class:`Defence` (the bundle, and for ``pgd-aware`` images of the detector's fitting side):
+
+- ``pgd-aware``: detector-aware PGD (:class:`evaluation.adaptive.pgd.DetectorAwarePGD`), BPDA
+  through the gates plus a surrogate of the detector fitted on the defence's fitting images
+  (:func:`evaluation.adaptive.surrogate.fit_attack_surrogate`, at most
+  :data:`SURROGATE_IMAGES`), 20 steps of eps/8 per lambda of
+  :data:`evaluation.adaptive.pgd.LAMBDAS`;
+- ``square-aware``: detector-aware Square
+  (:class:`evaluation.adaptive.square.DetectorAwareSquare`), ``square_queries`` queries.
 """
 
 from __future__ import annotations
@@ -29,9 +40,17 @@ from torch import nn
 from tqdm import tqdm
 
 from detector import perturb
+from detector.bundle import Bundle
+from evaluation.adaptive.pgd import LAMBDAS, DetectorAwarePGD, PGDConfig
+from evaluation.adaptive.square import DetectorAwareSquare
+from evaluation.adaptive.surrogate import fit_attack_surrogate
 
-NEEDS_EPS = {"fgsm", "pgd", "bim", "square"}
+#: Attacks on the network and a fitted detector: they need a :class:`Defence`.
+ADAPTIVE = ("pgd-aware", "square-aware")
+NEEDS_EPS = {"fgsm", "pgd", "bim", "square", *ADAPTIVE}
 ATTACKS = (*sorted(NEEDS_EPS), "cw", "deepfool")
+#: Fitting-side images whose attack iterates fit the surrogate of ``pgd-aware``.
+SURROGATE_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,11 @@ class AttackSpec:
     name: str
     eps: float | None = None
     eps_text: str = ""
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the attack needs the fitted detector (:data:`ADAPTIVE`)."""
+        return self.name in ADAPTIVE
 
     @property
     def label(self) -> str:
@@ -70,10 +94,28 @@ class AttackSpec:
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Defence:
+    """What an adaptive attack must get past: the bundle (network, path profile, fitted
+    detector and its threshold), and images x_fit (M, C, H, W) in [0, 1] with labels y_fit (M,)
+    on which ``pgd-aware`` fits its stand-in of the detector: the detector's fitting side, never
+    the attacked images (only ``pgd-aware`` needs them)."""
+
+    bundle: Bundle
+    x_fit: torch.Tensor | None = None
+    y_fit: torch.Tensor | None = None
+
+
 def make_attack(spec: AttackSpec, model: nn.Module, seed: int = 0,
-                square_queries: int = 1000) -> Attack:
-    """``spec`` on ``model``: a function (images, labels) -> adversarial images."""
+                square_queries: int = 1000, defence: Defence | None = None) -> Attack:
+    """``spec`` on ``model``: a function (images, labels) -> adversarial images.
+
+    Adaptive attacks (``spec.adaptive``) attack ``defence.bundle`` (whose network is ``model``)
+    and raise a ValueError without a defence; ``pgd-aware`` fits its surrogate here.
+    """
     eps = spec.eps or 0.0
+    if spec.adaptive:
+        return _adaptive_attack(spec, model, seed, square_queries, defence)
     if spec.name in perturb.GRADIENT_ATTACKS:
         return partial(perturb.perturb, spec.name, model, eps=eps)
     if spec.name == "bim":
@@ -86,13 +128,36 @@ def make_attack(spec: AttackSpec, model: nn.Module, seed: int = 0,
                                seed=seed, verbose=False)
 
 
+def _adaptive_attack(spec: AttackSpec, model: nn.Module, seed: int, square_queries: int,
+                     defence: Defence | None) -> Attack:
+    if defence is None:
+        raise ValueError(f"attack {spec.name!r} is adaptive: it attacks a fitted detector, so it "
+                         "needs the defence (training.fit_detector crafts it after fitting)")
+    if defence.bundle.model is not model:
+        raise ValueError(f"attack {spec.name!r}: the model must be the defence's bundle model")
+    eps = spec.eps or 0.0
+    if spec.name == "square-aware":
+        return DetectorAwareSquare(defence.bundle, eps=eps, n_queries=square_queries,
+                                   seed=seed)
+    if defence.x_fit is None or defence.y_fit is None or len(defence.y_fit) == 0:
+        raise ValueError(f"attack {spec.name!r} fits a surrogate of the detector: the defence "
+                         "needs fitting-side images (x_fit, y_fit)")
+    config = PGDConfig(eps=eps, alpha=eps / perturb.PGD_STEP_DIV, steps=perturb.PGD_STEPS)
+    x_fit, y_fit = defence.x_fit[:SURROGATE_IMAGES], defence.y_fit[:SURROGATE_IMAGES]
+    surrogate, _ = fit_attack_surrogate(defence.bundle, x_fit, y_fit, [config],
+                                        LAMBDAS, seed=seed)
+    return DetectorAwarePGD(defence.bundle, surrogate, config, seed=seed)
+
+
 def craft(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
           batch_size: int = 256, seed: int = 0, square_queries: int = 1000,
-          progress: bool = True) -> torch.Tensor:
-    """Adversarial versions of x: (N, C, H, W) in [0, 1] with labels y: (N,); same shape/range."""
+          progress: bool = True, defence: Defence | None = None) -> torch.Tensor:
+    """Adversarial versions of x: (N, C, H, W) in [0, 1] with labels y: (N,); same shape/range.
+
+    ``defence``: the fitted pipeline that adaptive attacks (``spec.adaptive``) attack."""
     model.eval()
     torch.manual_seed(seed)
-    attack = make_attack(spec, model, seed, square_queries)
+    attack = make_attack(spec, model, seed, square_queries, defence)
     out = []
     for i in tqdm(range(0, len(x), batch_size), desc=f"craft {spec.label}", unit="batch",
                   disable=not progress, leave=False):

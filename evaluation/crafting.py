@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluation.attacks import AttackSpec, craft
+from evaluation.attacks import AttackSpec, Defence, craft
 from evaluation.sets import AdvSet, Sets, extract_paths, predict
 
 
@@ -29,11 +29,15 @@ def assign_attacks(n: int, specs: list[AttackSpec], *, seed: int,
 
 
 def craft_set(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,
-              idx: np.ndarray, *, seed: int, square_queries: int) -> AdvSet:
+              idx: np.ndarray, *, seed: int, square_queries: int,
+              defence: Defence | None = None) -> AdvSet:
     """Attack the images ``x[idx]`` (x: (N, C, H, W) in [0, 1], y: (N,), idx non-empty) with
     ``spec`` seeded by ``seed``; keep the successful ones with their paths. The result depends
-    only on the arguments, not on what was crafted before (each attack reseeds torch)."""
-    adv = craft(spec, model, x[idx], y[idx], seed=seed, square_queries=square_queries)
+    only on the arguments, not on what was crafted before (each attack reseeds torch).
+    ``defence``: the fitted pipeline an adaptive attack attacks (:func:`evaluation.attacks
+    .craft`)."""
+    adv = craft(spec, model, x[idx], y[idx], seed=seed, square_queries=square_queries,
+                defence=defence)
     ok = (predict(model, adv) != y[idx]).numpy()
     s = AdvSet(adv[ok], y[idx][ok], idx[ok], len(idx))
     s.paths = extract_paths(model, s.x) if ok.any() else None

@@ -26,13 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from detector.bundle import save_bundle
+from detector.bundle import load_bundle, save_bundle
 from detector.checkpoint import load_checkpoint
 from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import PathProfile
 from detector.paths import network_macs
+from evaluation.adaptive.evaluate import evaluate_adaptive
 from evaluation.attacks import AttackSpec
 from evaluation.crafting import craft_sets
+from evaluation.metrics import worst_case
 from evaluation.protocol import evaluate_variant, profile_ids, split_by_image
 from evaluation.report import markdown_report, plot_rocs
 from evaluation.sets import Sets, correct_subset, extract_paths, sets_from_arrays, sets_to_arrays
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "images, 2/4/8/16 /255 for colour)")
     g.add_argument("--eval-attacks", nargs="+", default=None,
                    help="attacks to evaluate on, fitted and unseen (default: FGSM, PGD at the "
-                        "main strength and two unseen ones, BIM, CW, DeepFool, Square)")
+                        "main strength and two unseen ones, BIM, CW, DeepFool, Square); the "
+                        "adaptive ones (pgd-aware:eps, square-aware:eps) attack the bundled "
+                        "detector and are crafted after fitting, never reused")
     g.add_argument("--attacks-per-image", type=positive(int), default=1,
                    help="fitting attacks applied to each fitting image, drawn at random; 1 keeps "
                         "clean and adversarial classes balanced (default: %(default)s)")
@@ -162,6 +166,13 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
                  for a in args.fit_attacks or (GREY_FIT if grey else COLOUR_FIT)]
     eval_specs = [AttackSpec.parse(a)
                   for a in args.eval_attacks or (GREY_EVAL if grey else COLOUR_EVAL)]
+    if any(s.adaptive for s in fit_specs):
+        raise ValueError("--fit-attacks: adaptive attacks (pgd-aware, square-aware) attack the "
+                         "fitted detector, so they can only be evaluated: name them in "
+                         "--eval-attacks")
+    # adaptive attacks need the fitted detector: crafted after fitting, against the bundle
+    adaptive_specs = [s for s in eval_specs if s.adaptive]
+    crafted_specs = [s for s in eval_specs if not s.adaptive]
     out = args.out or Path("runs") / data.name / "detector"
     start = time.perf_counter()
 
@@ -188,11 +199,11 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
                                   spec.num_classes)
 
     if reused:
-        fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, eval_specs)
+        fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, crafted_specs)
     elif rank is not None:
         crafted = craft_across_ranks(
             model, [Side("fit", x_fit, y_fit, fit_specs, args.seed, args.attacks_per_image),
-                    Side("eval", x_eval, y_eval, eval_specs, args.seed + 1, None)],
+                    Side("eval", x_eval, y_eval, crafted_specs, args.seed + 1, None)],
             rank, square_queries=args.square_queries)
         if crafted is None:
             return
@@ -201,7 +212,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         fit_sets = craft_sets(model, x_fit, y_fit, fit_specs, seed=args.seed,
                               per_image=args.attacks_per_image,
                               square_queries=args.square_queries)
-        eval_sets = craft_sets(model, x_eval, y_eval, eval_specs, seed=args.seed + 1,
+        eval_sets = craft_sets(model, x_eval, y_eval, crafted_specs, seed=args.seed + 1,
                                per_image=None, square_queries=args.square_queries)
     if args.noise_negatives:
         add_noise_negatives(model, fit_sets, seed=args.seed + 2)
@@ -223,9 +234,29 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     detector, evaluation = bundled
     evaluation = {k: v for k, v in evaluation.items() if k != "scores"}
     profile = PathProfile(profile.layers, include_raw=args.raw_features)
+    name = f"{spec.arch}-{data.name}"
+    macs = network_macs(model, spec.input_shape)
+
+    def write_bundle() -> None:
+        summary = {k: evaluation["attacks"][k].get("auroc") for k in evaluation["attacks"]}
+        save_bundle(out / "bundle", name=name, model=model, spec=spec, profile=profile,
+                    detector=detector, network_macs=macs,
+                    metrics={"clean_accuracy": clean_acc, "auroc": summary,
+                             "worst_auroc": evaluation["worst"]["auroc"]})
+
+    write_bundle()
+    if adaptive_specs:  # against the bundle as served; the compared variants are not attacked
+        main_result = results[_variant_name(*main_variant)]
+        attacks, scores = evaluate_adaptive(
+            load_bundle(out / "bundle"), eval_sets, adaptive_specs, x_fit=x_fit, y_fit=y_fit,
+            seed=args.seed + 1, metrics_seed=args.seed, square_queries=args.square_queries)
+        main_result["attacks"].update(attacks)  # the same dict as evaluation["attacks"]
+        main_result["scores"]["attacks"].update(scores)
+        main_result["worst"] = evaluation["worst"] = worst_case(main_result["attacks"])
+        write_bundle()  # the manifest's summary with the adaptive attacks
 
     metrics: dict[str, Any] = {
-        "name": f"{spec.arch}-{data.name}",
+        "name": name,
         "config": {
             "dataset": args.dataset, "checkpoint": str(checkpoint), "arch": spec.arch,
             "detector": args.detector, "raw_features": args.raw_features,
@@ -244,12 +275,6 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
                                    v["attacks"].items()}, "worst_auroc": v["worst"]["auroc"]}
                      for k, v in results.items()},
     }
-    macs = network_macs(model, spec.input_shape)
-    summary = {k: evaluation["attacks"][k].get("auroc") for k in evaluation["attacks"]}
-    save_bundle(out / "bundle", name=metrics["name"], model=model, spec=spec, profile=profile,
-                detector=detector, network_macs=macs,
-                metrics={"clean_accuracy": clean_acc, "auroc": summary,
-                         "worst_auroc": evaluation["worst"]["auroc"]})
     metrics["seconds"] = time.perf_counter() - start
     write_json(out / "metrics.json", metrics)
     plot_rocs(results[_variant_name(*main_variant)]["scores"]["clean"],

@@ -5,16 +5,27 @@ features (straight-through gates: :mod:`detector.straight_through`); its last st
 scikit-learn detector (a random forest by default), is piecewise constant. An attacker
 therefore descends on :class:`Surrogate`, fitted by :func:`fit_surrogate` on the shipped
 features and the real detector's flags (distillation of its decision), or a label-free anomaly
-score (standardised squared distance to clean features). Attacks are always judged by the real
-pipeline, never by the surrogate.
+score (standardised squared distance to clean features). :func:`fit_attack_surrogate` fits it
+where the attack goes: on the iterates of detector-aware PGD
+(:mod:`evaluation.adaptive.pgd`), refitted on the attack's own iterates. Attacks are always
+judged by the real pipeline, never by the surrogate.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from detector.bundle import Bundle
+from evaluation.adaptive.pgd import Iterates, PGDConfig, pgd_run
+
+log = logging.getLogger(__name__)
 
 SURROGATES = ("mlp", "logistic", "anomaly")
 
@@ -124,3 +135,41 @@ def _balanced(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     tpr = (pred & truth).sum() / truth.sum() if truth.any() else torch.tensor(1.0)
     tnr = (~pred & ~truth).sum() / (~truth).sum() if (~truth).any() else torch.tensor(1.0)
     return (tpr + tnr) / 2
+
+
+def fit_attack_surrogate(bundle: Bundle, x: torch.Tensor, y: torch.Tensor,
+                         configs: Sequence[PGDConfig], lambdas: Sequence[float], *,
+                         kind: str = "mlp", rounds: int = 1, seed: int = 0,
+                         batch_size: int = 300) -> tuple[Surrogate, list[dict[str, Any]]]:
+    """Fit the surrogate on images x (N, C, H, W) in [0, 1], labels y (N,), that the attack
+    will not be evaluated on (the benchmark takes them from the detector's fitting side).
+
+    Round 0: clean images and every iterate of margin-only PGD (lambda 0) at each config;
+    each of the ``rounds`` further rounds adds every iterate of the detector-aware attack with
+    the current surrogate at each positive lambda and config. Returns the surrogate and
+    per-round diagnostics (points, flagged, held-out agreement, seconds).
+    """
+    data = Iterates()
+    history: list[dict[str, Any]] = []
+    surrogate: Surrogate | None = None
+    for r in range(rounds + 1):
+        t0 = time.perf_counter()
+        lams = [0.0] if r == 0 else [lam for lam in lambdas if lam > 0]
+        for cfg in configs:
+            for lam in lams:
+                for start in range(0, len(y), batch_size):
+                    sl = slice(start, start + batch_size)
+                    pgd_run(bundle, surrogate, x[sl], y[sl], lam, cfg,
+                            stop_on_success=False, collect=data, seed=seed + r)
+        X, flagged, clean = data.tensors()
+        fit = fit_surrogate(X, flagged, clean, kind=kind, seed=seed)
+        surrogate = fit.surrogate
+        history.append({"round": r, "points": fit.n_points, "flagged": fit.n_flagged,
+                        "holdout_accuracy": fit.holdout_accuracy,
+                        "holdout_balanced_accuracy": fit.holdout_balanced,
+                        "seconds": time.perf_counter() - t0})
+        log.info("surrogate round %d: %d points (%d flagged), held-out agreement %.3f "
+                 "(balanced %.3f), %.0fs", r, fit.n_points, fit.n_flagged,
+                 fit.holdout_accuracy, fit.holdout_balanced, history[-1]["seconds"])
+    assert surrogate is not None
+    return surrogate, history

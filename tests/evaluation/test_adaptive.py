@@ -1,41 +1,46 @@
-"""benchmarks/adaptive.py and benchmarks/surrogate.py on a tiny digits bundle (fit_detector)."""
+"""The adaptive attacks (evaluation.adaptive) and the benchmark script over them, on a tiny
+digits bundle (fit_detector)."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.adaptive import (
-    PGDConfig,
-    adaptive_pgd,
-    detector_aware_margin,
-    fit_attack_surrogate,
-    quantize_towards,
-)
-from benchmarks.adaptive import main as adaptive_main
 from detector.analysis import score_paths
 from detector.bundle import Bundle, load_bundle
 from detector.features import PathBatch
 from detector.paths import compute_path
 from detector.straight_through import straight_through_gates
+from evaluation.adaptive.judge import judge, quantize_towards
+from evaluation.adaptive.pgd import DetectorAwarePGD, PGDConfig
+from evaluation.adaptive.square import detector_aware_margin
+from evaluation.adaptive.surrogate import fit_attack_surrogate
+from evaluation.attacks import AttackSpec, Defence, craft
 from training import fit_detector
 from training.data import load_digits, to_float
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tiny_decoupled_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> Path:
-    """A digits bundle from fit_detector: random forest on clean vs FGSM/PGD (eps 0.2)."""
+    """A digits bundle from fit_detector: random forest on clean vs FGSM/PGD (eps 0.2),
+    evaluated on FGSM and on both adaptive attacks (crafted after fitting)."""
     out = tmp_path_factory.mktemp("adaptive") / "detector"
     fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--max-fit", "120",
                       "--max-eval", "10", "--max-profile", "400", "--fit-attacks", "fgsm:0.2",
-                      "pgd:0.2", "--eval-attacks", "fgsm:0.2", "--detector", "random_forest",
-                      "--compare", "--out", str(out), "--threads", "1", "--quiet"])
+                      "pgd:0.2", "--eval-attacks", "fgsm:0.2", "pgd-aware:0.2",
+                      "square-aware:0.2", "--square-queries", "30", "--detector",
+                      "random_forest", "--compare", "--out", str(out), "--threads", "1",
+                      "--quiet"])
     torch.set_num_threads(1)
     return out / "bundle"
 
@@ -108,7 +113,7 @@ def test_gradients_flow_through_gates_and_surrogate(bundle, images) -> None:
 def test_adaptive_pgd_stays_in_the_ball(bundle, images) -> None:
     x, y = images
     cfg = PGDConfig(eps=0.1, alpha=0.03, steps=5)
-    res = adaptive_pgd(bundle, None, x[:16], y[:16], cfg, [0.0], batch_size=7)
+    res = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0], batch_size=7).run(x[:16], y[:16])
     assert (res.x_adv - x[:16]).abs().max() <= 0.1 + 1e-6
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     analysis = bundle.analyze(res.x_adv)
@@ -130,12 +135,93 @@ def test_detector_aware_margin() -> None:
     assert m[3] == pytest.approx(2.0 + math.log(9))
 
 
+def test_detector_aware_pgd_is_a_torchattacks_attack(bundle, images) -> None:
+    """Called like any torchattacks attack: eval mode during the attack, the caller's mode
+    restored, the adversarial images as the run's."""
+    x, y = images
+    cfg = PGDConfig(eps=0.1, alpha=0.03, steps=3)
+    attack = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0])
+    bundle.model.train()
+    try:
+        adv = attack(x[:8], y[:8])
+        assert bundle.model.training
+    finally:
+        bundle.model.eval()
+    torch.testing.assert_close(adv, attack.run(x[:8], y[:8]).x_adv, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="need a surrogate"):
+        DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0, 1.0])
+    with pytest.raises(ValueError, match="lambdas"):
+        DetectorAwarePGD(bundle, None, cfg, lambdas=[])
+
+
+def test_adaptive_attacks_by_name_need_the_defence(bundle, images) -> None:
+    x, y = images
+    for text in ("pgd-aware:0.1", "square-aware:0.1"):
+        spec = AttackSpec.parse(text)
+        assert spec.adaptive and spec.label == text.upper().replace(":", " eps=")
+        with pytest.raises(ValueError, match="is adaptive: it attacks a fitted detector"):
+            craft(spec, bundle.model, x[:4], y[:4], progress=False)
+    with pytest.raises(ValueError, match="needs fitting-side images"):
+        craft(AttackSpec.parse("pgd-aware:0.1"), bundle.model, x[:4], y[:4], progress=False,
+              defence=Defence(bundle))
+    assert not AttackSpec.parse("pgd:0.1").adaptive
+
+
+@pytest.mark.parametrize("text", ["pgd-aware:0.2", "square-aware:0.2"])
+def test_adaptive_attacks_by_name_stay_in_the_ball(bundle, images, text) -> None:
+    """By name through evaluation.attacks: the same attacks, against the defence's bundle."""
+    x, y = images
+    defence = Defence(bundle, x[32:48], y[32:48])  # fitting images: not the attacked ones
+    spec = AttackSpec.parse(text)
+    adv = craft(spec, bundle.model, x[:12], y[:12], batch_size=5, square_queries=20,
+                progress=False, defence=defence)
+    assert adv.shape == x[:12].shape
+    assert (adv - x[:12]).abs().max() <= 0.2 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    verdict = judge(bundle, x[:12], adv, y[:12])
+    assert 0.0 <= verdict["evaded"] <= verdict["misclassified"] <= 1.0
+
+
+def test_fit_detector_evaluates_adaptive_attacks_after_fitting(bundle_dir: Path) -> None:
+    """--eval-attacks pgd-aware/square-aware: measured like every other attack, against the
+    bundled detector, listed in metrics.json, the report and the manifest's summary; not
+    stored in adversarial.npz (they depend on the fitted detector)."""
+    run = bundle_dir.parent
+    metrics = json.loads((run / "metrics.json").read_text())
+    attacks = metrics["evaluation"]["attacks"]
+    assert list(attacks) == ["FGSM eps=0.2", "PGD-AWARE eps=0.2", "SQUARE-AWARE eps=0.2"]
+    for label in ("PGD-AWARE eps=0.2", "SQUARE-AWARE eps=0.2"):
+        m = attacks[label]
+        assert m["adaptive"] and not m["fitted"] and 0.0 <= m["success"] <= 1.0
+        assert label in (run / "report.md").read_text()
+    assert metrics["config"]["eval_attacks"] == list(attacks)
+    measured = {k: v["auroc"] for k, v in attacks.items() if v.get("n_adv", 0) > 0}
+    assert metrics["evaluation"]["worst"]["auroc"] == min(measured.values())
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert set(manifest["metrics"]["auroc"]) == set(attacks)
+    with np.load(run / "adversarial.npz") as f:
+        labels = {str(f[k]) for k in f.files if k.startswith("eval_adv") and k.endswith("_label")}
+    assert labels == {"FGSM eps=0.2"}
+
+
+def test_fit_detector_refuses_fitting_on_adaptive_attacks(tiny_decoupled_checkpoint, tmp_path,
+                                                         capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--fit-attacks",
+                          "pgd-aware:0.2", "--out", str(tmp_path / "out"), "--quiet"])
+    assert e.value.code == 2
+    assert "--fit-attacks: adaptive attacks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
+    """python benchmarks/adaptive.py, run as a user runs it."""
     out = tmp_path / "adaptive.json"
-    adaptive_main(["--bundle", str(bundle_dir), "--dataset", "digits", "--n", "40",
-                   "--n-blackbox", "10", "--eps", "0.2", "--steps", "10",
-                   "--surrogate-images", "30", "--square-queries", "20",
-                   "--lambdas", "0", "1", "--json", str(out), "--quiet"])
+    subprocess.run([sys.executable, "benchmarks/adaptive.py", "--bundle", str(bundle_dir),
+                    "--dataset", "digits", "--n", "40", "--n-blackbox", "10", "--eps", "0.2",
+                    "--steps", "10", "--surrogate-images", "30", "--square-queries", "20",
+                    "--lambdas", "0", "1", "--json", str(out), "--quiet"],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
     content = json.loads(out.read_text())
     assert content["n"] == 40 and content["n_blackbox"] == 10
     # evaluated images come from the half of the test split the detector was not fitted on
@@ -154,8 +240,9 @@ def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
         attacks["adaptive"]["evaded"] * 40)
 
 
-def test_bad_values_exit_2(bundle_dir, capsys) -> None:
-    with pytest.raises(SystemExit) as e:
-        adaptive_main(["--bundle", str(bundle_dir), "--dataset", "digits", "--eps", "0"])
-    assert e.value.code == 2
-    assert "--eps" in capsys.readouterr().err
+def test_bad_values_exit_2(bundle_dir) -> None:
+    done = subprocess.run([sys.executable, "benchmarks/adaptive.py", "--bundle",
+                           str(bundle_dir), "--dataset", "digits", "--eps", "0"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--eps" in done.stderr
