@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detector.differentiable import TorchDetector, torch_detector
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
 from detector.paths import compute_path
@@ -89,27 +90,37 @@ class PathScores:
     flagged: torch.Tensor
 
 
-def score_paths(profile: PathProfile, detector: PathDetector, paths: PathBatch) -> PathScores:
+def score_paths(profile: PathProfile, detector: PathDetector, paths: PathBatch,
+                exported: TorchDetector | None = None) -> PathScores:
     """Path -> features -> detector score, the one implementation of that step.
 
     Used by :func:`analyze` (serving), and by adaptive attacks on paths with straight-through
-    bits. The last step, the fitted scikit-learn detector (a random forest by default), is not
-    differentiable and runs on a detached copy of the features: a tree ensemble is piecewise
-    constant, so even a tensor version of it would give zero gradient almost everywhere;
-    attacks differentiate the features and a fitted stand-in of the detector instead.
+    bits. Where the detector has an exact torch version (:func:`detector.differentiable.
+    torch_detector`: logistic and MLP inner models) the score is computed by it and keeps the
+    graph, so attacks differentiate the score that ships; ``exported`` passes it in, built
+    once (as :class:`detector.bundle.Bundle` does), else it is built here. Otherwise the
+    fitted scikit-learn detector runs on a detached copy of the features: a tree ensemble (the
+    random forest) is piecewise constant, so even a tensor version of it would give zero
+    gradient almost everywhere; attacks differentiate the features and a fitted stand-in.
     """
     predictions = paths.logits.detach().argmax(1)
     stats = profile.layer_stats(paths, predictions)
     features = profile.transform(paths, stats)
-    scores = torch.from_numpy(detector.predict_proba(features.detach().numpy())[:, 1])
-    return PathScores(predictions, stats, features, scores, scores > detector.threshold_)
+    exported = exported if exported is not None else torch_detector(detector)
+    if exported is not None:
+        scores = exported(features)
+    else:
+        scores = torch.from_numpy(detector.predict_proba(features.detach().numpy())[:, 1])
+    return PathScores(predictions, stats, features, scores,
+                      scores.detach() > detector.threshold_)
 
 
 def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
-            images: torch.Tensor, network_macs: int, execution: str = "masked") -> Analysis:
+            images: torch.Tensor, network_macs: int, execution: str = "masked",
+            exported: TorchDetector | None = None) -> Analysis:
     """images: (N, C, H, W) float32 in [0, 1] -> :class:`Analysis`; model must be in eval.
 
-    ``execution`` is one of :data:`EXECUTIONS`.
+    ``execution`` is one of :data:`EXECUTIONS`; ``exported`` as for :func:`score_paths`.
     """
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
@@ -117,7 +128,7 @@ def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
                                   else contextlib.nullcontext()):
         result = compute_path(model, images, pooled=False)
         paths = PathBatch.from_result(result)
-        scored = score_paths(profile, detector, paths)
+        scored = score_paths(profile, detector, paths, exported)
     probs = torch.softmax(result.logits, dim=1).numpy()
     names = profile.layer_names
     return Analysis(

@@ -28,10 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from detector.analysis import Analysis, analyze
+from detector.analysis import Analysis, PathScores, analyze, score_paths
 from detector.checkpoint import ModelSpec, load_weights
+from detector.differentiable import TorchDetector, torch_detector
 from detector.estimator import PathDetector
-from detector.features import PathProfile
+from detector.features import PathBatch, PathProfile
 from detector.gating import gated_layers
 from detector.manifest import (
     DETECTOR,
@@ -55,6 +56,9 @@ TRUSTED_TYPES = frozenset({
     "sklearn.preprocessing._data.StandardScaler",
     "sklearn.preprocessing._label.LabelEncoder",
     "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.preprocessing._label.LabelBinarizer",
     "sklearn.ensemble._forest.RandomForestClassifier",
     "sklearn.tree._classes.DecisionTreeClassifier",
     "sklearn.tree._tree.Tree",
@@ -93,7 +97,9 @@ def sha256(path: Path) -> str:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: eval-mode network, path profile, detector and manifest."""
+    """A loaded bundle: eval-mode network, path profile, detector and manifest; ``exported``
+    is the detector as torch operations where that is exact (logistic and MLP inner models,
+    :mod:`detector.differentiable`), else None."""
 
     path: Path
     manifest: Manifest
@@ -101,6 +107,11 @@ class Bundle:
     model: nn.Module
     profile: PathProfile
     detector: PathDetector
+    exported: TorchDetector | None = None
+
+    def __post_init__(self) -> None:
+        if self.exported is None:
+            self.exported = torch_detector(self.detector)
 
     @property
     def name(self) -> str:
@@ -121,7 +132,12 @@ class Bundle:
             raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), "
                              f"got {tuple(images.shape)}")
         return analyze(self.model, self.profile, self.detector, images, self.network_macs,
-                       execution)
+                       execution, self.exported)
+
+    def score_paths(self, paths: PathBatch) -> PathScores:
+        """The bundle's path -> features -> score step (:func:`detector.analysis.score_paths`);
+        differentiable end to end when the detector is exported."""
+        return score_paths(self.profile, self.detector, paths, self.exported)
 
 
 def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec,

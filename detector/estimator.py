@@ -1,8 +1,8 @@
 """The adversarial-input detector: a calibrated scikit-learn binary classifier on path features.
 
-:class:`PathDetector` wraps an inner model (logistic regression, random forest or histogram
-gradient boosting) behind feature scaling, calibrates its probability with
-:class:`~sklearn.calibration.CalibratedClassifierCV`, and is a
+:class:`PathDetector` wraps an inner model (logistic regression, a one-hidden-layer perceptron,
+random forest or histogram gradient boosting) behind feature scaling, calibrates its probability
+with :class:`~sklearn.calibration.CalibratedClassifierCV`, and is a
 :class:`~detector.threshold.FPRThresholdClassifier` over that scorer: one decision threshold set
 on clean samples it held out from fitting, at ``target_fpr``. Labels: any two classes; the
 second of the sorted labels (e.g. 1) is "adversarial".
@@ -16,19 +16,23 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from detector.threshold import FPRThresholdClassifier
 
-INNER_MODELS = ("logistic", "random_forest", "hist_gb")
+INNER_MODELS = ("logistic", "mlp", "random_forest", "hist_gb")
 
 
 def make_inner(name: str, random_state: int | None) -> Pipeline:
     """Scaler + the named inner classifier; ValueError naming an unknown name."""
     if name == "logistic":
         clf = LogisticRegression(C=1.0, max_iter=2000)
+    elif name == "mlp":
+        clf = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=500,
+                            early_stopping=True, random_state=random_state)
     elif name == "random_forest":
         clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=3,
                                      random_state=random_state, n_jobs=1)
@@ -45,7 +49,7 @@ class PathDetector(FPRThresholdClassifier):
 
     Parameters
     ----------
-    model : {"logistic", "random_forest", "hist_gb"}
+    model : {"logistic", "mlp", "random_forest", "hist_gb"}
         Inner classifier.
     target_fpr : float in (0, 1)
         Share of held-out clean samples allowed above the threshold.

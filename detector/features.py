@@ -249,9 +249,10 @@ class PathProfile:
 
     def with_features(self, groups: tuple[str, ...] | None = None,
                       include_raw: bool | None = None) -> PathProfile:
-        """The same profile emitting other feature groups / raw features (for ablations)."""
+        """The same profile emitting other feature groups / raw features (for ablations); None
+        keeps this profile's setting."""
         return PathProfile(self.layers, self.include_raw if include_raw is None else include_raw,
-                           groups)
+                           self.groups if groups is None else groups)
 
     @property
     def layer_names(self) -> list[str]:

@@ -28,10 +28,11 @@ from detector.bundle import (
 )
 from detector.checkpoint import load_checkpoint
 from detector.estimator import PathDetector
-from detector.features import PathProfile
+from detector.features import PathBatch, PathProfile
 from detector.gating import gated_layers
 from detector.manifest import Manifest
-from detector.paths import network_macs
+from detector.paths import compute_path, network_macs
+from detector.straight_through import straight_through_gates
 from evaluation.attacks import AttackSpec, craft
 from evaluation.sets import correct_subset, extract_paths
 from training.data import load_dataset, to_float
@@ -262,3 +263,24 @@ def test_manifest_without_an_operating_point_is_refused(copy):
     edit_manifest(copy, lambda m: m.pop("detector"))
     with pytest.raises(BundleError, match=r"is not a valid manifest.*detector"):
         load_bundle(copy)
+
+
+def test_exported_detector_scores_and_differentiates_the_input(bundle_dir, parts):
+    """A logistic detector is exported to torch: the bundle's scores are the export's, equal to
+    scikit-learn's within 1e-5, and the whole image -> score step has a gradient."""
+    bundle = load_bundle(bundle_dir)
+    assert bundle.exported is not None
+    images = parts[4]
+    analysis = bundle.analyze(images)
+    with torch.inference_mode():
+        features = bundle.profile.transform(PathBatch.from_result(compute_path(bundle.model,
+                                                                               images)))
+    np.testing.assert_allclose(analysis.scores,
+                               bundle.detector.predict_proba(features.numpy())[:, 1], atol=1e-5)
+    x = images.clone().requires_grad_()
+    with straight_through_gates("sigmoid"):
+        paths = PathBatch.from_result(compute_path(bundle.model, x), ste="sigmoid")
+    scored = bundle.score_paths(paths)
+    np.testing.assert_allclose(scored.scores.detach().numpy(), analysis.scores, atol=1e-12)
+    scored.scores.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

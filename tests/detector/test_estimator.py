@@ -160,7 +160,7 @@ def test_feature_count_is_checked(fitted):
 def test_make_inner_scales_then_classifies(name):
     pipe = make_inner(name, random_state=0)
     assert [step for step, _ in pipe.steps] == ["standardscaler", type(pipe[-1]).__name__.lower()]
-    assert type(pipe[-1]).__name__ == {"logistic": "LogisticRegression",
+    assert type(pipe[-1]).__name__ == {"logistic": "LogisticRegression", "mlp": "MLPClassifier",
                                        "random_forest": "RandomForestClassifier",
                                        "hist_gb": "HistGradientBoostingClassifier"}[name]
 
