@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sign-gradient steps per run (default: %(default)s)")
     a.add_argument("--alpha-factor", type=float, default=2.5,
                    help="step size = factor * eps / steps (default: %(default)s, i.e. eps/8 at "
-                        "20 steps as in training.attacks)")
+                        "20 steps as in evaluation.attacks)")
     g = p.add_argument_group("adaptive attack")
     g.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0],
                    help="weights of the detector term, tried in order on the inputs not yet "

@@ -5,7 +5,7 @@ They live here, not in ``training``, so that the service can craft a perturbed c
 functions make the FGSM and PGD examples of ``evaluation.attacks``. Both follow torchattacks
 3.5.1 step for step (the same operations in the same order, the same use of torch's global
 random generator for PGD's start), so the committed results, crafted with torchattacks, are
-reproduced exactly; ``tests/training/test_attacks.py`` checks that.
+reproduced exactly; ``tests/evaluation/test_attacks.py`` checks that.
 
 Inputs are images in [0, 1] (models normalise internally); the model is used as it is (call
 ``.eval()`` first: gates and batch norm behave differently in training), and only the input

@@ -11,18 +11,16 @@ the input shape and class names the server matches against the served bundle.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from detector.bundle import load_bundle
+from training.data import load_digits, load_npz, to_float
 
-from detector.bundle import load_bundle  # noqa: E402
-from training.data import load_digits, load_npz, to_float  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "service" / "page" / "samples"
 SETS = {  # name -> (data, bundle used to pick images, or None for any image)

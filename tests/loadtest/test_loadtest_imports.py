@@ -3,7 +3,7 @@ nothing is imported):
 
 - ``loadtest`` imports ``detector`` and ``service`` (it starts and drives the server) but
   nothing of ``training``, ``evaluation`` or ``benchmarks``, nor torchattacks;
-- ``benchmarks/*.py`` are command-line scripts over the installed packages: no ``sys.path``
+- ``benchmarks/*.py`` and ``tools/*.py`` are scripts over the installed packages: no ``sys.path``
   edits, no ``noqa: E402`` imports, and nothing of the project imports them, tests included.
 """
 
@@ -36,7 +36,8 @@ def test_nothing_imports_the_benchmark_scripts():
 
 
 def test_benchmark_scripts_do_not_edit_the_import_path():
-    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    """benchmarks/ and tools/ scripts run against the installed package."""
+    scripts = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "tools").glob("*.py"))
     assert len(scripts) >= 5
     for script in scripts:
         text = script.read_text()
