@@ -12,10 +12,11 @@ detector was not fitted on (the evaluation half of the test split as
   (BPDA) gradients through the hard gates, the shipped path statistics against the class the
   input is pushed into, and a differentiable surrogate of the detector's verdict
   (:class:`evaluation.adaptive.surrogate.Surrogate`; default an MLP distilled from the real
-  detector's flags). Every lambda in ``--lambdas`` is tried in order on the inputs not yet
-  broken; every iterate is judged by the real pipeline and the first one that is misclassified
-  and not flagged is kept. lambda 0 is PGD on the margin alone with the real detector as a
-  stopping oracle (what selection alone buys).
+  detector's flags; ``--surrogate shipped``: the detector's own score, for logistic and MLP
+  detectors, whose torch export is exact). Every lambda in ``--lambdas`` is tried in order on
+  the inputs not yet broken; every iterate is judged by the real pipeline and the first one
+  that is misclassified and not flagged is kept. lambda 0 is PGD on the margin alone with the
+  real detector as a stopping oracle (what selection alone buys).
 - ``square`` (black-box, plain): torchattacks Square (:mod:`evaluation.attacks`), margin loss;
   ``square-aware``: Square on a detector-aware margin computed from the real pipeline's scores
   (the score is part of every API response; :mod:`evaluation.adaptive.square`); it stops on an
@@ -62,7 +63,12 @@ from detector.bundle import load_bundle
 from detector.straight_through import STE_KINDS
 from evaluation.adaptive.benchmark import ATTACKS, markdown_table, select_images, sweep
 from evaluation.adaptive.pgd import PGDConfig
-from evaluation.adaptive.surrogate import SURROGATES, Surrogate, fit_attack_surrogate
+from evaluation.adaptive.surrogate import (
+    SURROGATES,
+    ShippedScore,
+    Surrogate,
+    fit_attack_surrogate,
+)
 from training.data import load_dataset, to_float
 
 
@@ -82,10 +88,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          kappa=args.kappa, det_margin=args.det_margin, ste=args.ste,
                          random_start=args.random_start, grid=args.grid) for e in sorted(args.eps)]
     seconds: dict[str, float] = {}
-    surrogate: Surrogate | None = None
+    surrogate: Surrogate | ShippedScore | None = None
     history: list[dict[str, Any]] = []
     sur_ids = np.zeros(0, dtype=np.int64)
-    if any(lam > 0 for lam in args.lambdas):
+    if args.surrogate == "shipped":
+        surrogate = ShippedScore.of(bundle)
+        if surrogate is None:
+            raise ValueError(f"--surrogate shipped: the bundle's {bundle.detector.model} detector "
+                             "has no exact torch version (only logistic and mlp have); fit a "
+                             "stand-in with --surrogate mlp")
+    elif any(lam > 0 for lam in args.lambdas):
         t0 = time.perf_counter()
         xs, ys, sur_ids = select_images(bundle, x_test, data.y_test, args.surrogate_images,
                                         side="fit", split_seed=args.split_seed,
@@ -167,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every iterate on the 1/255 grid, perturbation rounded towards "
                         "zero (attacks through 8-bit uploads; default: float iterates, what the "
                         "exact FP32 tensor endpoint accepts)")
-    g.add_argument("--surrogate", choices=SURROGATES, default="mlp",
-                   help="differentiable stand-in of the detector (default: %(default)s)")
+    g.add_argument("--surrogate", choices=(*SURROGATES, "shipped"), default="mlp",
+                   help="differentiable stand-in of the detector, fitted to its flags, or "
+                        "'shipped': the detector's own score (exact for logistic and mlp "
+                        "detectors) (default: %(default)s)")
     g.add_argument("--surrogate-images", type=int, default=64,
                    help="fitting-side images whose attack iterates fit the surrogate (default: "
                         "%(default)s)")

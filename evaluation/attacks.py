@@ -16,10 +16,13 @@ Attack specs are strings ``name`` or ``name:eps`` with eps absolute or a fractio
 - ``square``: Andriushchenko et al. 2020, black-box score-based, ``square_queries`` queries.
 
 Adaptive attacks (:data:`ADAPTIVE`) attack the network *and* a fitted detector, so they need
-the :class:`Defence` (the bundle, and for ``pgd-aware`` images of the detector's fitting side):
+the :class:`Defence` (the bundle, and for ``pgd-aware`` on a tree detector images of the
+detector's fitting side):
 
 - ``pgd-aware``: detector-aware PGD (:class:`evaluation.adaptive.pgd.DetectorAwarePGD`), BPDA
-  through the gates plus a surrogate of the detector fitted on the defence's fitting images
+  through the gates plus the detector's own score where it is exact in torch
+  (:class:`evaluation.adaptive.surrogate.ShippedScore`: logistic and MLP detectors), else a
+  surrogate fitted on the defence's fitting images
   (:func:`evaluation.adaptive.surrogate.fit_attack_surrogate`, at most
   :data:`SURROGATE_IMAGES`), 20 steps of eps/8 per lambda of
   :data:`evaluation.adaptive.pgd.LAMBDAS`;
@@ -43,7 +46,7 @@ from detector import perturb
 from detector.bundle import Bundle
 from evaluation.adaptive.pgd import LAMBDAS, DetectorAwarePGD, PGDConfig
 from evaluation.adaptive.square import DetectorAwareSquare
-from evaluation.adaptive.surrogate import fit_attack_surrogate
+from evaluation.adaptive.surrogate import ShippedScore, fit_attack_surrogate
 
 #: Attacks on the network and a fitted detector: they need a :class:`Defence`.
 ADAPTIVE = ("pgd-aware", "square-aware")
@@ -99,7 +102,8 @@ class Defence:
     """What an adaptive attack must get past: the bundle (network, path profile, fitted
     detector and its threshold), and images x_fit (M, C, H, W) in [0, 1] with labels y_fit (M,)
     on which ``pgd-aware`` fits its stand-in of the detector: the detector's fitting side, never
-    the attacked images (only ``pgd-aware`` needs them)."""
+    the attacked images (only ``pgd-aware`` needs them, and only for detectors without an exact
+    torch export)."""
 
     bundle: Bundle
     x_fit: torch.Tensor | None = None
@@ -139,10 +143,13 @@ def _adaptive_attack(spec: AttackSpec, model: nn.Module, seed: int, square_queri
     if spec.name == "square-aware":
         return DetectorAwareSquare(defence.bundle, eps=eps, n_queries=square_queries,
                                    seed=seed)
+    config = PGDConfig(eps=eps, alpha=eps / perturb.PGD_STEP_DIV, steps=perturb.PGD_STEPS)
+    shipped = ShippedScore.of(defence.bundle)
+    if shipped is not None:
+        return DetectorAwarePGD(defence.bundle, shipped, config, seed=seed)
     if defence.x_fit is None or defence.y_fit is None or len(defence.y_fit) == 0:
         raise ValueError(f"attack {spec.name!r} fits a surrogate of the detector: the defence "
                          "needs fitting-side images (x_fit, y_fit)")
-    config = PGDConfig(eps=eps, alpha=eps / perturb.PGD_STEP_DIV, steps=perturb.PGD_STEPS)
     x_fit, y_fit = defence.x_fit[:SURROGATE_IMAGES], defence.y_fit[:SURROGATE_IMAGES]
     surrogate, _ = fit_attack_surrogate(defence.bundle, x_fit, y_fit, [config],
                                         LAMBDAS, seed=seed)

@@ -5,14 +5,16 @@ BPDA (Athalye et al., ICML 2018) through the hard gates, on the objective
 margin): straight-through gradients through the gates
 (:func:`detector.straight_through.straight_through_gates`), the shipped path statistics
 (:class:`detector.features.PathProfile`, torch, straight-through bits) against the class the
-input is pushed into (the best wrong class), and a differentiable stand-in of the detector's
-verdict (:class:`evaluation.adaptive.surrogate.Surrogate`). L-inf, budget eps, signed-gradient
-steps projected into the ball and into [0, 1].
+input is pushed into (the best wrong class), and a differentiable version of the detector's
+verdict: the shipped score itself where the detector has an exact torch export
+(:class:`evaluation.adaptive.surrogate.ShippedScore`), else a fitted stand-in
+(:class:`evaluation.adaptive.surrogate.Surrogate`; the forest is piecewise constant). L-inf,
+budget eps, signed-gradient steps projected into the ball and into [0, 1].
 
 Every lambda of the schedule is tried in order on the inputs not yet broken; every iterate is
-judged by the real pipeline (:func:`detector.analysis.score_paths`, the shipped scoring) and the
-first one that is misclassified and not flagged is kept. lambda 0 is PGD on the margin alone
-with the real detector as a stopping oracle (what selection alone buys).
+judged by the real pipeline (:meth:`detector.bundle.Bundle.score_paths`, the shipped scoring)
+and the first one that is misclassified and not flagged is kept. lambda 0 is PGD on the margin
+alone with the real detector as a stopping oracle (what selection alone buys).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import numpy as np
 import torch
 from torchattacks.attack import Attack
 
-from detector.analysis import score_paths
 from detector.bundle import Bundle
 from detector.features import PathBatch
 from detector.paths import compute_path
@@ -33,7 +34,8 @@ from detector.straight_through import straight_through_gates
 from evaluation.adaptive.judge import evades, quantize_towards
 
 #: A differentiable detector stand-in: (B, F) path features -> (B,) score, > 0 meaning
-#: "flagged" (:class:`evaluation.adaptive.surrogate.Surrogate`).
+#: "flagged" (:class:`evaluation.adaptive.surrogate.Surrogate` or
+#: :class:`~evaluation.adaptive.surrogate.ShippedScore`).
 DetectorStandIn = Callable[[torch.Tensor], torch.Tensor]
 
 #: Weights of the detector term tried in order (the benchmark's default schedule).
@@ -114,7 +116,7 @@ def pgd_run(bundle: Bundle, surrogate: DetectorStandIn | None,
         with straight_through_gates(cfg.ste):
             result = compute_path(bundle.model, xa)
         paths = PathBatch.from_result(result, ste=cfg.ste)
-        scored = score_paths(bundle.profile, bundle.detector, paths)  # the real verdict
+        scored = bundle.score_paths(paths)  # the real verdict
         ok = evades(scored.predictions.numpy(), scored.flagged.numpy(), y[idx].numpy())
         if collect is not None:
             collect.features.append(scored.features.detach())

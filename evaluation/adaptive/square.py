@@ -14,7 +14,6 @@ import math
 import torch
 import torchattacks
 
-from detector.analysis import score_paths
 from detector.bundle import Bundle
 from detector.features import PathBatch
 from detector.paths import compute_path
@@ -62,8 +61,7 @@ class DetectorAwareSquare(torchattacks.Square):
         """x (B, C, H, W) in [0, 1], y (B,) true labels -> margin and loss, both (B,)."""
         with torch.inference_mode():
             result = compute_path(self.bundle.model, x)
-        scored = score_paths(self.bundle.profile, self.bundle.detector,
-                             PathBatch.from_result(result))
+            scored = self.bundle.score_paths(PathBatch.from_result(result))
         m = detector_aware_margin(result.logits, y, scored.scores,
                                   float(self.bundle.detector.threshold_))
         return m.clone(), m.clone()

@@ -5,7 +5,10 @@ features (straight-through gates: :mod:`detector.straight_through`); its last st
 scikit-learn detector (a random forest by default), is piecewise constant. An attacker
 therefore descends on :class:`Surrogate`, fitted by :func:`fit_surrogate` on the shipped
 features and the real detector's flags (distillation of its decision), or a label-free anomaly
-score (standardised squared distance to clean features). :func:`fit_attack_surrogate` fits it
+score (standardised squared distance to clean features). Where the detector has an exact torch
+export (logistic or MLP inner model: :attr:`detector.bundle.Bundle.exported`) nothing needs to
+be fitted: :class:`ShippedScore` is the shipped score itself. :func:`fit_attack_surrogate` fits
+the stand-in
 where the attack goes: on the iterates of detector-aware PGD
 (:mod:`evaluation.adaptive.pgd`), refitted on the attack's own iterates. Attacks are always
 judged by the real pipeline, never by the surrogate.
@@ -14,6 +17,7 @@ judged by the real pipeline, never by the surrogate.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from detector.bundle import Bundle
+from detector.differentiable import TorchDetector
 from evaluation.adaptive.pgd import Iterates, PGDConfig, pgd_run
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,30 @@ class Surrogate(nn.Module):
         if self.kind == "anomaly":
             return (z**2).mean(1) - self.offset
         return self.net(z).squeeze(1)
+
+
+class ShippedScore(nn.Module):
+    """The bundle's own detector score as a stand-in, where it is exact in torch: (B, F)
+    features -> (B,) ``logit(score) - logit(threshold)`` (float64), > 0 exactly when the real
+    detector flags. Build it with :meth:`of`."""
+
+    def __init__(self, exported: TorchDetector, threshold: float) -> None:
+        super().__init__()
+        self.exported = exported
+        t = min(max(threshold, 1e-12), 1 - 1e-12)
+        self.offset = math.log(t) - math.log1p(-t)
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> ShippedScore | None:
+        """The stand-in for ``bundle``, None where its detector has no exact torch export
+        (tree ensembles, isotonic calibration)."""
+        if bundle.exported is None:
+            return None
+        return cls(bundle.exported, float(bundle.detector.threshold_))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        p = self.exported(features).clamp(1e-12, 1 - 1e-12)
+        return torch.log(p) - torch.log1p(-p) - self.offset
 
 
 @dataclass(frozen=True)

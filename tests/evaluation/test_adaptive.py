@@ -21,7 +21,7 @@ from detector.straight_through import straight_through_gates
 from evaluation.adaptive.judge import judge, quantize_towards
 from evaluation.adaptive.pgd import DetectorAwarePGD, PGDConfig
 from evaluation.adaptive.square import detector_aware_margin
-from evaluation.adaptive.surrogate import fit_attack_surrogate
+from evaluation.adaptive.surrogate import ShippedScore, fit_attack_surrogate
 from evaluation.attacks import AttackSpec, Defence, craft
 from training import fit_detector
 from training.data import load_digits, to_float
@@ -48,6 +48,21 @@ def bundle_dir(tiny_decoupled_checkpoint: Path, tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="module")
 def bundle(bundle_dir: Path) -> Bundle:
     b = load_bundle(bundle_dir)
+    b.model.requires_grad_(False)
+    return b
+
+
+@pytest.fixture(scope="module")
+def logistic_bundle(tiny_decoupled_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Bundle:
+    """A digits bundle whose detector (logistic regression) has an exact torch export."""
+    out = tmp_path_factory.mktemp("adaptive_logistic") / "detector"
+    fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--max-fit", "120",
+                      "--max-eval", "10", "--max-profile", "400", "--fit-attacks", "fgsm:0.2",
+                      "pgd:0.2", "--eval-attacks", "fgsm:0.2", "--detector", "logistic",
+                      "--compare", "--out", str(out), "--threads", "1", "--quiet"])
+    torch.set_num_threads(1)
+    b = load_bundle(out / "bundle")
     b.model.requires_grad_(False)
     return b
 
@@ -180,6 +195,28 @@ def test_adaptive_attacks_by_name_stay_in_the_ball(bundle, images, text) -> None
     assert adv.min() >= 0 and adv.max() <= 1
     verdict = judge(bundle, x[:12], adv, y[:12])
     assert 0.0 <= verdict["evaded"] <= verdict["misclassified"] <= 1.0
+
+
+def test_shipped_score_is_the_real_verdict_with_a_gradient(bundle, logistic_bundle,
+                                                           images) -> None:
+    """Where the detector is exact in torch the attack descends on its own score: > 0 exactly
+    when the real pipeline flags; trees have no such score."""
+    assert ShippedScore.of(bundle) is None  # random forest
+    shipped = ShippedScore.of(logistic_bundle)
+    assert shipped is not None
+    x, y = images
+    xg = x.clone().requires_grad_(True)
+    with straight_through_gates("semhash"):
+        result = compute_path(logistic_bundle.model, xg)
+    scored = logistic_bundle.score_paths(PathBatch.from_result(result, ste="semhash"))
+    score = shipped(scored.features)
+    np.testing.assert_array_equal((score > 0).numpy(), logistic_bundle.analyze(x).flagged)
+    (g,) = torch.autograd.grad(score.sum(), xg)
+    assert g.abs().sum() > 0
+    # by name, pgd-aware needs no fitting images when the score ships
+    adv = craft(AttackSpec.parse("pgd-aware:0.2"), logistic_bundle.model, x[:8], y[:8],
+                progress=False, defence=Defence(logistic_bundle))
+    assert (adv - x[:8]).abs().max() <= 0.2 + 1e-6
 
 
 def test_fit_detector_evaluates_adaptive_attacks_after_fitting(bundle_dir: Path) -> None:
