@@ -35,12 +35,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import statistics
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +44,10 @@ import torch
 from torch import nn
 
 from detector.checkpoint import ModelSpec, load_checkpoint
+from detector.execution import CLOCKS, median_times_ms
 from detector.gating import gated_layers, strip_gates
-from detector.paths import PathResult, compute_path, network_macs
+from detector.path_agreement import sparse_agreement
+from detector.paths import compute_path, network_macs
 from detector.pruning import open_ever, pruned_twin
 from detector.sparse import DENSE_ABOVE, SparseStats, sparse_execution
 from training.data import ImageData, load_dataset, to_float
@@ -63,19 +61,12 @@ BATCH_SIZES = (1, 32)
 MODES = ("dense", "gated", "sparse", "gated+path", "sparse+path")
 
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: int,
                repeats: int, dense_above: float, clock: str = "wall",
                extra: dict[str, nn.Module] | None = None) -> dict[str, float]:
-    """Median time in ms per mode for batches of ``batch`` images cycled from ``images``.
-
-    ``clock``: "wall" (latency) or "cpu" (CPU time of this process: robust to other processes
-    on a shared machine; equals the latency with one thread and nothing else running here).
-    ``extra``: more networks to time, interleaved with the modes, by name.
-    """
-    now = CLOCKS[clock]
+    """Median time in ms per mode (:data:`MODES`, then ``extra``: more networks by name) for
+    batches of ``batch`` images cycled from ``images``, interleaved; ``clock``: see
+    :data:`detector.execution.CLOCKS`."""
     n = images.shape[0] // batch
     if n == 0:
         raise ValueError(f"need at least {batch} test images, got {images.shape[0]}")
@@ -94,101 +85,35 @@ def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: 
         "gated+path": lambda x: compute_path(model, x, pooled=False), "sparse+path": sparse_path,
         **(extra or {}),
     }
-    times: dict[str, list[float]] = {m: [] for m in runs}
     with torch.inference_mode():
-        for m in runs:  # warm-up
-            for x in batches[:3]:
-                runs[m](x)
-        for r in range(repeats):  # interleaved so background load hits every mode alike
-            x = batches[r % n]
-            for m in runs:
-                t0 = now()
-                runs[m](x)
-                times[m].append(now() - t0)
-    return {m: 1e3 * statistics.median(t) for m, t in times.items()}
+        return median_times_ms(runs, batches, repeats, warmup=3, clock=clock)
 
 
-TIE = 1e-4
-"""A gate logit below TIE x (the layer's largest |logit|) is within float rounding of 0."""
-
-
-@dataclass
-class Agreement:
-    """Sparse vs gated over ``images`` inputs; a path differs from its first differing layer on.
-
-    same_path: inputs with identical gate bits everywhere.
-    ties: inputs whose first difference is a gate whose logit is within rounding of 0 (|G| <
-        TIE x layer scale): both results are right, rounding picked different sides.
-    mismatches: inputs whose first difference is any other gate (a bug).
-    same_pred: inputs with the same predicted class; max_diff: max |logit difference| over the
-        inputs with the same path.
-    """
-
-    images: int = 0
-    same_path: int = 0
-    ties: int = 0
-    mismatches: int = 0
-    same_pred: int = 0
-    max_diff: float = 0.0
-
-    def add(self, ref: PathResult, got: PathResult) -> None:
-        """Compare two results for the same batch of inputs."""
-        first = torch.full((ref.logits.shape[0],), -1.0)  # |G| of the first flipped gate
-        for name, r in ref.layers.items():
-            flip = r.bits != got.layers[name].bits  # (B, C)
-            scale = float(r.logits.abs().max()) or 1.0
-            size = torch.where(flip, r.logits.abs() / scale, torch.zeros_like(r.logits))
-            new = (first < 0) & flip.any(dim=1)
-            first[new] = size[new].amax(dim=1)
-        same = first < 0
-        self.images += len(first)
-        self.same_path += int(same.sum())
-        self.ties += int(((first >= 0) & (first < TIE)).sum())
-        self.mismatches += int((first >= TIE).sum())
-        self.same_pred += int((ref.logits.argmax(1) == got.logits.argmax(1)).sum())
-        if same.any():
-            diff = float((ref.logits[same] - got.logits[same]).abs().max())
-            self.max_diff = max(self.max_diff, diff)
-
-    def line(self) -> str:
-        return (f"same path {self.same_path}/{self.images}, {self.ties} differ from a gate within "
-                f"rounding of 0, {self.mismatches} otherwise; same prediction "
-                f"{self.same_pred}/{self.images}; max |logit diff| {self.max_diff:.1e}")
-
-
-def _accumulate(total: SparseStats, part: SparseStats) -> None:
-    for f in fields(SparseStats):
-        setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+def sparse_work(model: nn.Module, images: torch.Tensor, batch: int,
+                dense_above: float) -> SparseStats:
+    """Work of the gated convs of ``model`` under sparse execution as timed (dense fallback
+    above ``dense_above``), in batches of ``batch`` of ``images``, summed."""
+    work = SparseStats()
+    with torch.inference_mode():
+        for i in range(0, images.shape[0], batch):
+            with sparse_execution(dense_above) as stats:
+                model(images[i:i + batch])
+            work.add(stats)
+    return work
 
 
 def check(model: nn.Module, dense: nn.Module, images: torch.Tensor,
           dense_above: float) -> dict[str, Any]:
-    """Equivalence checks and work shares over ``images`` (N, C, H, W) in [0, 1].
-
-    Sparse runs are compared with gated runs of the same batches (batch composition changes
-    float rounding of the dense convs too).
-    """
+    """Equivalence checks and work shares over ``images`` (N, C, H, W) in [0, 1]: sparse (every
+    layer sliced) against gated at batch 1 and 32
+    (:func:`detector.path_agreement.sparse_agreement`), the dense twin against the gated network
+    with every gate forced open, and the share of the gated convs' multiply-accumulates each mode
+    runs."""
     macs = network_macs(model, tuple(images.shape[1:]))  # type: ignore[arg-type]
-    out: dict[str, Any] = {"b1": Agreement(), "b32": Agreement()}
-    ideal, stats1, stats32 = SparseStats(), SparseStats(), SparseStats()  # summed over blocks
+    out: dict[str, Any] = {}
+    out["b1"], ideal = sparse_agreement(model, images, 1)  # each input's own path
+    out["b32"], _ = sparse_agreement(model, images, 32)  # union of the batch's paths
     with torch.inference_mode():
-        for i in range(images.shape[0]):
-            x = images[i:i + 1]
-            ref = compute_path(model, x, pooled=False)
-            with sparse_execution(math.inf) as st:  # every layer sliced: each input's own path
-                out["b1"].add(ref, compute_path(model, x, pooled=False))
-            _accumulate(ideal, st)
-            with sparse_execution(dense_above) as st:
-                model(x)
-            _accumulate(stats1, st)
-        for i in range(0, images.shape[0], 32):
-            x = images[i:i + 32]
-            ref = compute_path(model, x, pooled=False)
-            with sparse_execution(math.inf):  # union of the batch's paths, every layer sliced
-                out["b32"].add(ref, compute_path(model, x, pooled=False))
-            with sparse_execution(dense_above) as st:
-                model(x)
-            _accumulate(stats32, st)
         gated = compute_path(model, images, pooled=False)
         opened = compute_path(model, images, force_open=True, pooled=False)
         dense_logits = dense(images)
@@ -197,8 +122,8 @@ def check(model: nn.Module, dense: nn.Module, images: torch.Tensor,
     out["flops_fraction"] = float(gated.flops_fraction(macs).mean())
     out["open_fraction"] = float(gated.open_fraction().mean())
     out["gated_conv_share_ideal"] = ideal.executed_fraction
-    out["gated_conv_share_b1"] = stats1.executed_fraction
-    out["gated_conv_share_b32"] = stats32.executed_fraction
+    out["gated_conv_share_b1"] = sparse_work(model, images, 1, dense_above).executed_fraction
+    out["gated_conv_share_b32"] = sparse_work(model, images, 32, dense_above).executed_fraction
     # paths.py's per-input count, restricted to the gated convs (control modules removed):
     controls = {n: g.control.fc1.weight.numel() + g.control.fc2.weight.numel()
                 for n, g in gated_layers(model).items()}

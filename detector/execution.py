@@ -9,18 +9,25 @@ batch 1 and at a larger batch, and keeps sparse where it is clearly faster (by m
 few percent, within the noise, and a coin flip at every start-up would make latency less
 predictable. Both modes give the same predictions and paths up to float rounding, so the choice
 changes only the latency.
+
+:func:`median_times_ms` is the one timing loop (interleaved runs, medians) behind the plan and
+behind ``benchmarks/speed.py``, which times more variants (dense twin, path recording, pruning).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from detector.analysis import EXECUTIONS
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: latency; ``cpu``: CPU time of this process (robust to other processes on a shared
+machine; equals the latency with one thread and nothing else running)."""
 
 
 @dataclass(frozen=True)
@@ -91,17 +98,41 @@ def plan_execution(run: Callable[[torch.Tensor, str], object],
     timings: dict[int, dict[str, float]] = {}
     for batch in sizes:
         images = torch.rand(batch, *input_shape, generator=generator)
-        samples: dict[str, list[float]] = {mode: [] for mode in EXECUTIONS}
-        for mode in EXECUTIONS:
-            run(images, mode)  # warm-up: first calls allocate and pick kernels
-        for _ in range(repeats):
-            for mode in EXECUTIONS:
-                start = time.perf_counter()
-                run(images, mode)
-                samples[mode].append(time.perf_counter() - start)
-        timings[batch] = {m: 1e3 * statistics.median(s) for m, s in samples.items()}
-
+        runs = {mode: (lambda x, mode=mode: run(x, mode)) for mode in EXECUTIONS}
+        timings[batch] = median_times_ms(runs, [images], repeats)
     return ExecutionPlan.from_timings(timings, margin)
+
+
+def median_times_ms(runs: Mapping[str, Callable[[torch.Tensor], object]],
+                    inputs: Sequence[torch.Tensor], repeats: int, warmup: int = 1,
+                    clock: str = "wall") -> dict[str, float]:
+    """Median milliseconds per call of each of ``runs`` ({name: f(batch)}), interleaved.
+
+    Each run first gets ``warmup`` >= 0 untimed calls (first calls allocate and pick kernels) on
+    ``inputs[0], inputs[1], ...`` (cycled); then ``repeats`` >= 1 rounds, round r calling every
+    run once on ``inputs[r % len(inputs)]``, so background load hits every run alike.
+    ``clock``: a key of :data:`CLOCKS`. The calls run as given (no grad mode is set here).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not inputs:
+        raise ValueError("no inputs to time on")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
+    for f in runs.values():
+        for i in range(warmup):
+            f(inputs[i % len(inputs)])
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeats):
+        x = inputs[r % len(inputs)]
+        for name, f in runs.items():
+            start = now()
+            f(x)
+            samples[name].append(now() - start)
+    return {name: 1e3 * statistics.median(s) for name, s in samples.items()}
 
 
 def _check_margin(margin: float) -> None:

@@ -90,6 +90,13 @@ class SparseStats:
         """executed / dense multiply-accumulates of the gated convs, in [0, 1]."""
         return self.executed_macs / self.dense_macs if self.dense_macs else 1.0
 
+    def add(self, other: SparseStats) -> None:
+        """Add the counts of ``other`` (another block's work) to these."""
+        self.dense_macs += other.dense_macs
+        self.executed_macs += other.executed_macs
+        self.sliced_calls += other.sliced_calls
+        self.dense_calls += other.dense_calls
+
 
 @contextmanager
 def sparse_execution(dense_above: float = DENSE_ABOVE) -> Iterator[SparseStats]:

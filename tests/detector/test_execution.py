@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from detector.execution import ExecutionPlan, fixed_plan, plan_execution
+from detector.execution import ExecutionPlan, fixed_plan, median_times_ms, plan_execution
 
 
 def slow_mode(slow: dict[int, str]):
@@ -85,3 +85,35 @@ def test_fixed_plan():
     assert fixed_plan("masked").for_batch(32) == "masked"
     with pytest.raises(ValueError, match="'fast'"):
         fixed_plan("fast")
+
+
+def test_median_times_interleave_runs_and_cycle_inputs():
+    """Warm-up calls on the first inputs, then one call of every run per round, round r on
+    input r mod n; the medians order the runs by their cost."""
+    calls = []
+    inputs = [torch.full((1,), float(i)) for i in range(3)]
+
+    def run(name: str, sleep_s: float):
+        def f(x: torch.Tensor) -> None:
+            calls.append((name, int(x)))
+            time.sleep(sleep_s)
+        return f
+
+    ms = median_times_ms({"fast": run("fast", 0.0), "slow": run("slow", 0.003)}, inputs,
+                         repeats=4, warmup=2)
+    assert calls == [("fast", 0), ("fast", 1), ("slow", 0), ("slow", 1),
+                     ("fast", 0), ("slow", 0), ("fast", 1), ("slow", 1),
+                     ("fast", 2), ("slow", 2), ("fast", 0), ("slow", 0)]
+    assert set(ms) == {"fast", "slow"} and ms["slow"] > ms["fast"] + 2.0
+    cpu = median_times_ms({"slow": run("slow", 0.003)}, inputs, repeats=2, clock="cpu")
+    assert cpu["slow"] < 2.0  # sleeping costs no CPU time
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"clock": "sun"}, "clock"),
+    ({"inputs": []}, "inputs"),
+])
+def test_median_times_reject_bad_arguments(kwargs, named):
+    args = {"runs": {"a": lambda x: None}, "inputs": [torch.zeros(1)], "repeats": 1} | kwargs
+    with pytest.raises(ValueError, match=named):
+        median_times_ms(**args)
