@@ -55,7 +55,7 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     flagged share and accuracy of the shifted images, labels ``y_eval`` (N,)) and scores
     (clean (Nc,) and per attack (Na,) adversarial probabilities, for the ROC plot).
     """
-    prof = PathProfile(profile.layers, include_raw=raw)
+    prof = profile.with_features(include_raw=raw)
     advs = [s for s in fit.adversarial.values() if s.paths is not None]
     if not advs:
         raise ValueError("no fitting attack succeeded; use stronger --fit-attacks")

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from detector.bundle import load_bundle, save_bundle
-from detector.checkpoint import load_checkpoint
+from detector.checkpoint import load_checkpoint, load_class_heads
 from detector.estimator import INNER_MODELS, PathDetector
-from detector.features import PathProfile
+from detector.features import FEATURE_GROUPS, PathBatch, PathProfile, fit_class_heads
 from detector.paths import network_macs
 from evaluation.adaptive.evaluate import evaluate_adaptive
 from evaluation.attacks import AttackSpec
@@ -59,6 +59,7 @@ COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/25
 COLOUR_EVAL = ("fgsm:8/255", "pgd:8/255", "pgd:1/255", "pgd:12/255", "bim:8/255", "cw",
                "deepfool", "square:8/255")
 VARIANTS = ("logistic", "hist_gb", "random_forest", "logistic+raw", "hist_gb+raw")
+CLASS_HEADS = ("auto", "checkpoint", "fit", "none")
 #: How long a rank waits for the others under torchrun: rank 0 gathers the sets when the
 #: slowest rank is done, and one attack can take an hour on CIFAR-10.
 RANK_TIMEOUT = timedelta(hours=24)
@@ -104,9 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate on held-out clean images that sets the threshold "
                         "(default: %(default)s)")
+    d.add_argument("--class-heads", choices=CLASS_HEADS, default="auto",
+                   help="class evidence features from per-layer class heads q(y | z^l): "
+                        "'checkpoint' (the decoupling's MI heads), 'fit' (logistic regressions "
+                        "fitted on the clean profile paths), 'auto' (the checkpoint's if it "
+                        "kept them, else fitted), 'none' (default: %(default)s)")
     d.add_argument("--compare", nargs="*", default=list(VARIANTS),
                    help="detector variants to compare in the report: inner model with optional "
-                        "'+raw' (default: %(default)s); pass none to skip")
+                        "'+raw' and any '-GROUP' to leave a feature group out (groups: "
+                        f"{', '.join(FEATURE_GROUPS)}), e.g. random_forest-class_evidence "
+                        "(default: %(default)s); pass none to skip")
+    d.add_argument("--ablation", action="store_true",
+                   help="also compare the bundled detector with each feature group left out")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/<dataset>/detector)")
     p.add_argument("--reuse-attacks", action="store_true",
@@ -195,8 +205,9 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         prof_ids = profile_ids(len(data.y_train), args.seed, args.max_profile)
         x_prof, y_prof = correct_subset(model, to_float(data.x_train[prof_ids]),
                                         data.y_train[prof_ids])
-        profile = PathProfile.fit(extract_paths(model, x_prof), y_prof.numpy(),
-                                  spec.num_classes)
+        prof_paths = extract_paths(model, x_prof)
+        heads = _class_heads(args.class_heads, checkpoint, prof_paths, y_prof, spec.num_classes)
+        profile = PathProfile.fit(prof_paths, y_prof.numpy(), spec.num_classes, heads=heads)
 
     if reused:
         fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, crafted_specs)
@@ -220,20 +231,25 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     shifts = benign_shifts(x_eval, seed=args.seed)
     shift_paths = {k: extract_paths(model, v) for k, v in shifts.items()}
 
-    main_variant = (args.detector, args.raw_features)
+    main_variant = (args.detector, args.raw_features, ())
+    if args.ablation:
+        variants += [(args.detector, args.raw_features, (g,)) for g in profile.groups]
     results: dict[str, dict[str, Any]] = {}
     bundled = None
-    for name, raw in dict.fromkeys([main_variant, *variants]):
+    for name, raw, without in dict.fromkeys([main_variant, *variants]):
+        groups = tuple(g for g in profile.groups if g not in without)
+        if not groups and not raw:
+            raise ValueError(f"variant {_variant_name(name, raw, without)!r} leaves no features")
         detector = PathDetector(model=name, target_fpr=args.target_fpr, random_state=args.seed)
-        res = evaluate_variant(detector, profile, raw, fit_sets, eval_sets, shift_paths,
-                               y_eval.numpy(), fitted, seed=args.seed)
-        results[_variant_name(name, raw)] = res
-        if (name, raw) == main_variant:
+        res = evaluate_variant(detector, profile.with_features(groups), raw, fit_sets,
+                               eval_sets, shift_paths, y_eval.numpy(), fitted, seed=args.seed)
+        results[_variant_name(name, raw, without)] = res
+        if (name, raw, without) == main_variant:
             bundled = (detector, res)
     assert bundled is not None
     detector, evaluation = bundled
     evaluation = {k: v for k, v in evaluation.items() if k != "scores"}
-    profile = PathProfile(profile.layers, include_raw=args.raw_features)
+    profile = profile.with_features(include_raw=args.raw_features)
     name = f"{spec.arch}-{data.name}"
     macs = network_macs(model, spec.input_shape)
 
@@ -264,6 +280,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
             "reused_attacks": reused, "noise_negatives": args.noise_negatives,
+            "class_heads": args.class_heads,
             "max_fit": args.max_fit, "max_eval": args.max_eval,
             "max_profile": args.max_profile, "processes": 1 if rank is None else rank.world,
         },
@@ -302,16 +319,36 @@ def _reuse(path: Path, model: torch.nn.Module, fit_specs: list[AttackSpec],
     return fit_sets, eval_sets
 
 
-def _parse_variant(text: str) -> tuple[str, bool]:
-    name, plus, rest = text.partition("+")
-    if name not in INNER_MODELS or (plus and rest != "raw"):
+def _class_heads(choice: str, checkpoint: Path, paths: PathBatch, labels: torch.Tensor,
+                 num_classes: int) -> dict[str, Any] | None:
+    """The class heads ``--class-heads`` asks for (see its help), or None."""
+    if choice == "none":
+        return None
+    kept = load_class_heads(checkpoint) if choice in ("auto", "checkpoint") else None
+    if choice == "checkpoint" and kept is None:
+        raise ValueError(f"--class-heads checkpoint: {checkpoint} kept no class heads (decoupled "
+                         "before they were saved); use --class-heads fit")
+    if kept is not None:
+        log.info("class evidence from the decoupling's heads in %s", checkpoint)
+        return kept
+    log.info("class evidence from class heads fitted on %d clean profile paths", len(labels))
+    return fit_class_heads(paths, labels.numpy(), num_classes)
+
+
+def _parse_variant(text: str) -> tuple[str, bool, tuple[str, ...]]:
+    """``model[+raw][-group...]`` -> (inner model, raw features, feature groups left out)."""
+    head, *without = text.split("-")
+    name, plus, rest = head.partition("+")
+    if (name not in INNER_MODELS or (plus and rest != "raw")
+            or not set(without) <= set(FEATURE_GROUPS)):
         raise ValueError(f"bad --compare variant {text!r}: use one of {', '.join(INNER_MODELS)} "
-                         "with optional '+raw'")
-    return name, bool(plus)
+                         "with optional '+raw' and '-GROUP' for groups "
+                         f"{', '.join(FEATURE_GROUPS)}")
+    return name, bool(plus), tuple(without)
 
 
-def _variant_name(name: str, raw: bool) -> str:
-    return name + ("+raw" if raw else "")
+def _variant_name(name: str, raw: bool, without: tuple[str, ...] = ()) -> str:
+    return name + ("+raw" if raw else "") + "".join(f"-{g}" for g in without)
 
 
 def _summary(metrics: dict[str, Any], out: Path) -> str:

@@ -87,6 +87,40 @@ def test_reuse_attacks_refits_on_the_same_sets(run, tiny_decoupled_checkpoint, t
         assert second["evaluation"]["attacks"][label]["auroc"] == pytest.approx(m["auroc"])
 
 
+@pytest.mark.parametrize("heads", ["fit", "none"])
+def test_class_heads_and_feature_group_ablation(run, tiny_decoupled_checkpoint, tmp_path, heads):
+    """--class-heads picks the class evidence source; --ablation and '-GROUP' variants refit the
+    detector without a feature group on the same sets."""
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    args = tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks", "--ablation",
+                     "--class-heads", heads)
+    args[args.index("--compare") + 1] = "logistic-prediction-bits"
+    fit_detector.cli(args)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["class_heads"] == heads
+    groups = ["bits", "gate_logits", "prediction"] + (["class_evidence"] if heads == "fit" else [])
+    assert set(metrics["variants"]) == {"logistic", "logistic-prediction-bits",
+                                        *(f"logistic-{g}" for g in groups)}
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.profile.has_heads == (heads == "fit")
+    assert bundle.detector.n_features_in_ == len(bundle.profile.feature_names())
+    assert "logistic-prediction-bits" in (tmp_path / "report.md").read_text()
+
+
+def test_class_heads_checkpoint_needs_kept_heads(run, tiny_decoupled_checkpoint, tmp_path,
+                                                 capsys):
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in ("model.json", "weights.safetensors"):
+        (ckpt / f).write_bytes((tiny_decoupled_checkpoint / f).read_bytes())
+    args = tiny_args(ckpt, tmp_path, "--reuse-attacks", "--class-heads", "checkpoint")
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(args)
+    assert e.value.code == 2
+    assert "kept no class heads" in capsys.readouterr().err
+
+
 def test_reuse_attacks_refuses_other_attacks(run, tiny_decoupled_checkpoint, tmp_path, capsys):
     (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
     args = tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks")
