@@ -1,8 +1,11 @@
-"""Adversarial attacks through torchattacks, behind one thin function (:func:`craft`).
+"""Adversarial attacks behind one thin function (:func:`craft`), named by :class:`AttackSpec`.
 
 Inputs are images in [0, 1] (the models normalise internally); the model is put in eval mode.
-Attack specs are strings ``name`` or ``name:eps`` with eps absolute or a fraction
-(``pgd:8/255``). Implemented names (L-inf unless noted):
+Attack specs are strings ``name``, ``name:eps`` or either with ``@share``: eps absolute or a
+fraction (``pgd:8/255``), an L-inf budget in (0, 1] or, for the L2 attacks, an L2 budget > 0;
+``share`` in (0, 1] runs the attack on that share of the images it would otherwise run on
+(``square:8/255@1/4``: slow attacks get fewer images, not dropped). The names, their families,
+norms and parameters are :mod:`evaluation.catalogue`'s, among them:
 
 - ``fgsm``: Goodfellow et al. 2015, one signed-gradient step of size eps;
 - ``pgd``: Madry et al. 2018, 20 steps of eps/8 from a random start (these two are
@@ -32,13 +35,11 @@ detector's fitting side):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import partial
 
 import torch
-import torchattacks
 from torch import nn
 from tqdm import tqdm
 
@@ -47,22 +48,36 @@ from detector.bundle import Bundle
 from evaluation.adaptive.pgd import LAMBDAS, DetectorAwarePGD, PGDConfig
 from evaluation.adaptive.square import DetectorAwareSquare
 from evaluation.adaptive.surrogate import ShippedScore, fit_attack_surrogate
+from evaluation.catalogue import ADAPTIVE as ADAPTIVE_FAMILY
+from evaluation.catalogue import CATALOGUE, Attack, AttackKind
 
 #: Attacks on the network and a fitted detector: they need a :class:`Defence`.
-ADAPTIVE = ("pgd-aware", "square-aware")
-NEEDS_EPS = {"fgsm", "pgd", "bim", "square", *ADAPTIVE}
-ATTACKS = (*sorted(NEEDS_EPS), "cw", "deepfool")
+ADAPTIVE = tuple(n for n, k in CATALOGUE.items() if k.family == ADAPTIVE_FAMILY)
+#: Every attack name.
+ATTACKS = tuple(CATALOGUE)
 #: Fitting-side images whose attack iterates fit the surrogate of ``pgd-aware``.
 SURROGATE_IMAGES = 64
 
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """An attack and its L-inf budget (None for minimal-perturbation attacks)."""
+    """An attack, its budget (L-inf, or L2 for the L2 attacks; None for minimal-perturbation
+    attacks) and the share of the images it runs on (:meth:`images`)."""
 
     name: str
     eps: float | None = None
     eps_text: str = ""
+    image_share: float = 1.0
+
+    @property
+    def kind(self) -> AttackKind:
+        """The catalogue entry of the name (:data:`evaluation.catalogue.CATALOGUE`)."""
+        return CATALOGUE[self.name]
+
+    @property
+    def family(self) -> str:
+        """The attack family (one of :data:`evaluation.catalogue.FAMILIES`)."""
+        return self.kind.family
 
     @property
     def adaptive(self) -> bool:
@@ -71,30 +86,55 @@ class AttackSpec:
 
     @property
     def label(self) -> str:
+        """``"PGD eps=8/255"``, ``"CW"``: how reports and ``adversarial.npz`` name the attack
+        (the image share is not part of it)."""
         return self.name.upper() if self.eps is None else f"{self.name.upper()} eps={self.eps_text}"
+
+    @property
+    def text(self) -> str:
+        """The spec as :meth:`parse` reads it (``"square:8/255@1/4"``)."""
+        text = self.name if self.eps is None else f"{self.name}:{self.eps_text}"
+        if self.image_share < 1.0:
+            text += f"@{Fraction(self.image_share).limit_denominator(1000)}"
+        return text
+
+    def images(self, n: int) -> int:
+        """How many of ``n`` candidate images the attack runs on: the first
+        ceil(share * n), at least one of a non-empty set."""
+        return min(n, max(1, math.ceil(self.image_share * n))) if n else 0
 
     @classmethod
     def parse(cls, text: str) -> AttackSpec:
-        """``"pgd:8/255"`` -> AttackSpec("pgd", 0.0314); ValueError naming a bad spec."""
-        name, _, eps_text = text.strip().lower().partition(":")
+        """``"pgd:8/255"`` -> AttackSpec("pgd", 0.0314), ``"cw@1/4"`` -> AttackSpec("cw",
+        image_share=0.25); ValueError naming a bad spec."""
+        body, at, share_text = text.strip().lower().partition("@")
+        name, _, eps_text = body.partition(":")
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {text!r}; choose from {', '.join(ATTACKS)}")
-        if name not in NEEDS_EPS:
+        share = _fraction(share_text, text, "image share") if at else 1.0
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"image share of {text!r} must be in (0, 1], got {share}")
+        kind = CATALOGUE[name]
+        if not kind.takes_eps:
             if eps_text:
                 raise ValueError(f"attack {name!r} takes no eps, got {text!r}")
-            return cls(name)
+            return cls(name, image_share=share)
         if not eps_text:
             raise ValueError(f"attack {name!r} needs a strength, e.g. {name}:0.3 or {name}:8/255")
-        try:
-            eps = float(Fraction(eps_text))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"bad strength in attack {text!r}") from None
-        if not 0.0 < eps <= 1.0:
+        eps = _fraction(eps_text, text, "strength")
+        if kind.norm == "l2" and eps <= 0.0:
+            raise ValueError(f"L2 strength of {text!r} must be > 0, got {eps}")
+        if kind.norm == "linf" and not 0.0 < eps <= 1.0:
             raise ValueError(f"strength of {text!r} must be in (0, 1], got {eps}")
-        return cls(name, eps, eps_text)
+        return cls(name, eps, eps_text, share)
 
 
-Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def _fraction(value: str, text: str, what: str) -> float:
+    """``"8/255"`` or ``"0.25"`` as a float; ValueError naming ``what`` in spec ``text``."""
+    try:
+        return float(Fraction(value))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"bad {what} in attack {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -117,19 +157,11 @@ def make_attack(spec: AttackSpec, model: nn.Module, seed: int = 0,
     Adaptive attacks (``spec.adaptive``) attack ``defence.bundle`` (whose network is ``model``)
     and raise a ValueError without a defence; ``pgd-aware`` fits its surrogate here.
     """
-    eps = spec.eps or 0.0
     if spec.adaptive:
         return _adaptive_attack(spec, model, seed, square_queries, defence)
-    if spec.name in perturb.GRADIENT_ATTACKS:
-        return partial(perturb.perturb, spec.name, model, eps=eps)
-    if spec.name == "bim":
-        return torchattacks.BIM(model, eps=eps, alpha=eps / 10, steps=20)
-    if spec.name == "cw":
-        return torchattacks.CW(model, c=1.0, kappa=0.0, steps=100, lr=0.01)
-    if spec.name == "deepfool":
-        return torchattacks.DeepFool(model, steps=50, overshoot=0.02)
-    return torchattacks.Square(model, norm="Linf", eps=eps, n_queries=square_queries,
-                               seed=seed, verbose=False)
+    build = spec.kind.build
+    assert build is not None  # only adaptive attacks have none
+    return build(model, spec.eps or 0.0, seed, square_queries)
 
 
 def _adaptive_attack(spec: AttackSpec, model: nn.Module, seed: int, square_queries: int,
@@ -162,6 +194,9 @@ def craft(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     """Adversarial versions of x: (N, C, H, W) in [0, 1] with labels y: (N,); same shape/range.
 
     ``defence``: the fitted pipeline that adaptive attacks (``spec.adaptive``) attack."""
+    if spec.kind.colour_only and x.shape[1] != 3:
+        raise ValueError(f"attack {spec.name!r} works on colour images only (3 channels), got "
+                         f"{x.shape[1]}")
     model.eval()
     torch.manual_seed(seed)
     attack = make_attack(spec, model, seed, square_queries, defence)

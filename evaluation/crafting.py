@@ -19,13 +19,15 @@ def assign_attacks(n: int, specs: list[AttackSpec], *, seed: int,
                    per_image: int | None) -> dict[str, np.ndarray]:
     """Indices into n images that each attack runs on, by attack label: all n for
     ``per_image=None``, else each image gets ``per_image`` distinct attacks drawn with one
-    generator seeded by ``seed`` (so the draw does not depend on who crafts the attacks)."""
+    generator seeded by ``seed`` (so the draw does not depend on who crafts the attacks). An
+    attack with an image share below 1 keeps the first :meth:`AttackSpec.images` of those."""
     if per_image is None:
-        return {s.label: np.arange(n) for s in specs}
+        return {s.label: np.arange(s.images(n)) for s in specs}
     rng = np.random.default_rng(seed)
     k = min(per_image, len(specs))
     choice = np.stack([rng.choice(len(specs), k, replace=False) for _ in range(n)])
-    return {s.label: np.flatnonzero((choice == i).any(1)) for i, s in enumerate(specs)}
+    drawn = [np.flatnonzero((choice == i).any(1)) for i in range(len(specs))]
+    return {s.label: idx[:s.images(len(idx))] for s, idx in zip(specs, drawn, strict=True)}
 
 
 def craft_set(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec,

@@ -33,9 +33,8 @@ from training.distributed import Rank, gather_to_main
 
 log = logging.getLogger(__name__)
 
-#: Rough cost per image of each attack, in gradient evaluations (a forward pass ~ 1/3): the
-#: iterative attacks' steps, DeepFool ~ 5 steps x 10 class gradients; Square is set per query.
-STEP_COST = {"fgsm": 1.0, "pgd": 20.0, "bim": 20.0, "cw": 100.0, "deepfool": 50.0}
+#: Rough cost of one Square query, in gradient evaluations (a forward pass ~ 1/3); the other
+#: attacks' costs per image are :attr:`evaluation.catalogue.AttackKind.cost`.
 SQUARE_COST_PER_QUERY = 1 / 3
 
 
@@ -76,7 +75,7 @@ def plan(sides: list[Side]) -> list[Job]:
 def job_cost(job: Job, square_queries: int) -> float:
     """Estimated cost of ``job``: images x gradient evaluations per image (>= 0)."""
     per_image = (square_queries * SQUARE_COST_PER_QUERY if job.spec.name == "square"
-                 else STEP_COST[job.spec.name])
+                 else job.spec.kind.cost)
     return len(job.idx) * per_image
 
 

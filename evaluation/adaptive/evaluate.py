@@ -28,8 +28,9 @@ def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSp
                       x_fit: torch.Tensor, y_fit: torch.Tensor, seed: int, metrics_seed: int,
                       square_queries: int) -> tuple[dict[str, dict[str, Any]],
                                                     dict[str, np.ndarray]]:
-    """Craft each adaptive attack of ``specs`` against ``bundle`` on every clean image of
-    ``evaluation`` (seeded by ``seed``), and measure the bundle's detector on them.
+    """Craft each adaptive attack of ``specs`` against ``bundle`` on the clean images of
+    ``evaluation`` (all, or the first share of them: :meth:`AttackSpec.images`; seeded by
+    ``seed``), and measure the bundle's detector on them.
 
     x_fit (M, C, H, W) in [0, 1], y_fit (M,): fitting-side images on which ``pgd-aware`` fits
     its surrogate (never the evaluated ones). Returns per attack label the metrics of
@@ -39,9 +40,10 @@ def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSp
     if not all(s.adaptive for s in specs):
         raise ValueError(f"not adaptive attacks: {[s.label for s in specs if not s.adaptive]}")
     defence = Defence(bundle, x_fit, y_fit)
-    idx = np.arange(len(evaluation.y_clean))
-    sets = {s.label: craft_set(bundle.model, evaluation.x_clean, evaluation.y_clean, s, idx,
-                               seed=seed, square_queries=square_queries, defence=defence)
+    n = len(evaluation.y_clean)
+    sets = {s.label: craft_set(bundle.model, evaluation.x_clean, evaluation.y_clean, s,
+                               np.arange(s.images(n)), seed=seed,
+                               square_queries=square_queries, defence=defence)
             for s in specs}
 
     def scores(paths: PathBatch) -> np.ndarray:

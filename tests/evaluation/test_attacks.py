@@ -5,6 +5,7 @@ import torch
 
 from detector.checkpoint import load_checkpoint
 from evaluation.attacks import ATTACKS, AttackSpec, craft
+from evaluation.catalogue import CATALOGUE, FAMILIES
 from training.data import load_dataset, to_float
 
 
@@ -15,12 +16,23 @@ from training.data import load_dataset, to_float
     ("square:0.05", "square", 0.05, "SQUARE eps=0.05"),
     ("cw", "cw", None, "CW"),
     ("DeepFool", "deepfool", None, "DEEPFOOL"),
+    ("pgdl2:2", "pgdl2", 2.0, "PGDL2 eps=2"),  # an L2 budget may exceed 1
+    ("square:8/255@1/4", "square", 8 / 255, "SQUARE eps=8/255"),  # the share is not labelled
+    ("fab@0.5", "fab", None, "FAB"),
 ])
 def test_parse_valid_specs(text, name, eps, label):
     spec = AttackSpec.parse(text)
     assert spec.name == name
     assert spec.eps == (pytest.approx(eps) if eps is not None else None)
     assert spec.label == label
+    assert AttackSpec.parse(spec.text) == spec
+
+
+def test_image_share_caps_the_images():
+    spec = AttackSpec.parse("cw@1/4")
+    assert spec.image_share == 0.25 and spec.text == "cw@1/4"
+    assert [spec.images(n) for n in (0, 1, 3, 8, 10)] == [0, 1, 1, 2, 3]
+    assert AttackSpec.parse("cw").images(10) == 10
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -34,6 +46,10 @@ def test_parse_valid_specs(text, name, eps, label):
     ("pgd:0", r"strength of 'pgd:0' must be in \(0, 1\], got 0\.0"),
     ("fgsm:1.5", r"strength of 'fgsm:1.5' must be in \(0, 1\], got 1\.5"),
     ("fgsm:-8/255", r"must be in \(0, 1\]"),
+    ("pgdl2:0", r"L2 strength of 'pgdl2:0' must be > 0, got 0\.0"),
+    ("cw@0", r"image share of 'cw@0' must be in \(0, 1\], got 0\.0"),
+    ("pgd:0.1@3/2", r"image share of 'pgd:0.1@3/2' must be in \(0, 1\]"),
+    ("pgd:0.1@x", "bad image share in attack 'pgd:0.1@x'"),
 ])
 def test_parse_invalid_specs_name_the_value(text, match):
     with pytest.raises(ValueError, match=match):
@@ -42,8 +58,8 @@ def test_parse_invalid_specs_name_the_value(text, match):
 
 def test_every_listed_attack_parses():
     for name in ATTACKS:
-        spec = AttackSpec.parse(name if name in ("cw", "deepfool") else f"{name}:0.1")
-        assert spec.name == name
+        spec = AttackSpec.parse(f"{name}:0.1" if CATALOGUE[name].takes_eps else name)
+        assert spec.name == name and spec.family in FAMILIES
 
 
 @pytest.fixture(scope="module")
