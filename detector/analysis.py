@@ -14,6 +14,7 @@ from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
 from detector.paths import compute_path
 from detector.sparse import sparse_execution
+from detector.stability import with_companions
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
                                   else contextlib.nullcontext()):
         result = compute_path(model, images, pooled=False)
         paths = PathBatch.from_result(result)
+        if profile.stability:
+            paths = with_companions(model, images, paths, profile.stability)
         scored = score_paths(profile, detector, paths, exported)
     probs = torch.softmax(result.logits, dim=1).numpy()
     names = profile.layer_names

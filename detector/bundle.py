@@ -43,6 +43,7 @@ from detector.manifest import (
     Manifest,
     OperatingPoint,
 )
+from detector.stability import check_transforms
 
 #: Every type a detector file may contain; anything else is refused on load, including types
 #: that skops itself would trust by default (any other scikit-learn estimator, say).
@@ -162,7 +163,8 @@ def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec
         detector=OperatingPoint(model=detector.model, threshold=detector.threshold_,
                                 target_fpr=detector.target_fpr, clean_fpr=detector.clean_fpr_,
                                 include_raw_features=profile.include_raw,
-                                n_features=int(detector.n_features_in_)),
+                                n_features=int(detector.n_features_in_),
+                                stability_transforms=profile.stability),
         files={f: sha256(directory / f) for f in (WEIGHTS, PROFILE, DETECTOR)},
         metrics=metrics or {},
     )
@@ -232,11 +234,15 @@ def _load_bundle(directory: Path) -> Bundle:
     names = list(gated_layers(model))
     include_raw = manifest.detector.include_raw_features
     try:
+        stability = check_transforms(manifest.detector.stability_transforms)
+    except ValueError as e:
+        raise BundleError(f"{directory / MANIFEST}: {e}") from e
+    try:
         arrays = load_file(str(directory / PROFILE))
     except SafetensorError as e:
         raise BundleError(f"{directory / PROFILE} is not a readable safetensors file ({e})") from e
     try:
-        profile = PathProfile.from_arrays(names, arrays, include_raw)
+        profile = PathProfile.from_arrays(names, arrays, include_raw, stability)
     except (KeyError, ValueError) as e:
         raise BundleError(f"{directory / PROFILE} does not fit the model's gated layers") from e
     detector = load_detector(directory / DETECTOR)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,13 +55,16 @@ from detector.straight_through import straight_through
 LAYER_STATS = ("bit_nll", "bit_excess", "hamming", "logit_dist", "logit_excess", "margin", "open")
 GLOBAL_STATS = ("confidence", "logit_margin", "entropy")
 HEAD_STATS = ("head_p", "head_excess", "head_shift", "head_kl")
+STABILITY_STATS = ("stab_prob_l1", "stab_pred_change", "stab_flips")
 #: Feature groups a profile can emit: per-layer gate-bit statistics, gate-logit statistics, the
-#: prediction's statistics and the per-layer class evidence (needs class heads).
+#: prediction's statistics, the per-layer class evidence (needs class heads) and the path
+#: stability under small transforms (needs stability transforms and companion paths).
 FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "bits": ("bit_nll", "bit_excess", "hamming", "open"),
     "gate_logits": ("logit_dist", "logit_excess", "margin"),
     "prediction": GLOBAL_STATS,
     "class_evidence": HEAD_STATS,
+    "stability": STABILITY_STATS,
 }
 _EPS = 1e-6
 _CHUNK_ELEMENTS = 1 << 22  # (rows, K, D) float64 intermediates of layer_stats: 32 MB at most
@@ -76,17 +79,29 @@ def _tensor(a: ArrayLike, dtype: torch.dtype | None = None) -> torch.Tensor:
 @dataclass(frozen=True)
 class PathBatch:
     """Paths of N inputs: logits (N, K) class logits; bits: layer -> (N, C) in {0, 1};
-    gate_logits: layer -> (N, C). Tensors (numpy arrays are converted)."""
+    gate_logits: layer -> (N, C). Tensors (numpy arrays are converted). companions: the paths
+    of transformed copies of the same N inputs, by transform name (:mod:`detector.stability`;
+    empty unless attached)."""
 
     logits: torch.Tensor
     bits: Mapping[str, torch.Tensor]
     gate_logits: Mapping[str, torch.Tensor]
+    companions: Mapping[str, PathBatch] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logits", _tensor(self.logits))
         object.__setattr__(self, "bits", {k: _tensor(v) for k, v in self.bits.items()})
         object.__setattr__(self, "gate_logits",
                            {k: _tensor(v) for k, v in self.gate_logits.items()})
+        for name, other in self.companions.items():
+            if len(other) != len(self.logits):
+                raise ValueError(f"companion {name!r} has {len(other)} paths for "
+                                 f"{len(self.logits)} inputs")
+
+    def with_companions(self, companions: Mapping[str, PathBatch]) -> PathBatch:
+        """These paths with ``companions`` attached (added to any already there)."""
+        return PathBatch(self.logits, self.bits, self.gate_logits,
+                         {**self.companions, **companions})
 
     @classmethod
     def from_result(cls, result: object, ste: str | None = None) -> PathBatch:
@@ -111,19 +126,24 @@ class PathBatch:
 
     @staticmethod
     def concat(batches: list[PathBatch]) -> PathBatch:
+        """One batch of all ``batches``' paths in order (companions those all of them have)."""
         first = batches[0]
+        shared = [k for k in first.companions if all(k in b.companions for b in batches)]
         return PathBatch(
             logits=torch.cat([b.logits for b in batches]),
             bits={k: torch.cat([b.bits[k] for b in batches]) for k in first.bits},
             gate_logits={k: torch.cat([b.gate_logits[k] for b in batches])
                          for k in first.gate_logits},
+            companions={k: PathBatch.concat([b.companions[k] for b in batches])
+                        for k in shared},
         )
 
     def take(self, rows: ArrayLike) -> PathBatch:
-        """The paths at ``rows`` (an index or boolean mask of length N)."""
+        """The paths at ``rows`` (an index or boolean mask of length N), companions too."""
         idx = _tensor(rows)
         return PathBatch(self.logits[idx], {k: v[idx] for k, v in self.bits.items()},
-                         {k: v[idx] for k, v in self.gate_logits.items()})
+                         {k: v[idx] for k, v in self.gate_logits.items()},
+                         {k: v.take(idx) for k, v in self.companions.items()})
 
 
 @dataclass(frozen=True)
@@ -169,15 +189,20 @@ class PathProfile:
 
     ``groups``: the feature groups :meth:`transform` emits (names of :data:`FEATURE_GROUPS`);
     default: every group the profile can compute (``class_evidence`` only with class heads on
-    every layer).
+    every layer, ``stability`` only with ``stability`` transforms). ``stability``: names of
+    :data:`detector.stability.TRANSFORMS` whose companion paths the features compare with the
+    input's own (the paths given to :meth:`transform` must carry them).
     """
 
     def __init__(self, layers: dict[str, LayerProfile], include_raw: bool = False,
-                 groups: tuple[str, ...] | None = None) -> None:
+                 groups: tuple[str, ...] | None = None, stability: tuple[str, ...] = ()) -> None:
         self.layers = layers
         self.include_raw = include_raw
+        self.stability = tuple(stability)
         self.has_heads = all(lp.head_weight is not None for lp in layers.values())
-        available = tuple(g for g in FEATURE_GROUPS if g != "class_evidence" or self.has_heads)
+        available = tuple(g for g in FEATURE_GROUPS
+                          if (g != "class_evidence" or self.has_heads)
+                          and (g != "stability" or self.stability))
         if groups is None:
             groups = available
         unknown = sorted(set(groups) - set(available))
@@ -252,7 +277,33 @@ class PathProfile:
         """The same profile emitting other feature groups / raw features (for ablations); None
         keeps this profile's setting."""
         return PathProfile(self.layers, self.include_raw if include_raw is None else include_raw,
-                           self.groups if groups is None else groups)
+                           self.groups if groups is None else groups, self.stability)
+
+    def with_stability(self, stability: tuple[str, ...]) -> PathProfile:
+        """The same statistics, comparing paths with the companions of ``stability`` transforms
+        (every available feature group emitted)."""
+        return PathProfile(self.layers, self.include_raw, None, stability)
+
+    def stability_stats(self, paths: PathBatch) -> torch.Tensor:
+        """(N, S) float64 stability features, per transform t of ``stability`` in order:
+        ``stab_prob_l1``, the L1 distance between the softmax outputs of the input and of its
+        transformed copy (in [0, 2]); ``stab_pred_change``, 1 if the predicted class changes;
+        ``stab_flips``, per gated layer the share of its filters whose state changes (L values).
+        """
+        missing = [t for t in self.stability if t not in paths.companions]
+        if missing:
+            raise ValueError(f"the paths carry no companions for stability transforms {missing}")
+        p = torch.softmax(paths.logits.to(torch.float64), 1)
+        b = torch.cat([paths.bits[k] for k in self.layers], dim=1).to(torch.float64)
+        parts = []
+        for t in self.stability:
+            other = paths.companions[t]
+            q = torch.softmax(other.logits.to(torch.float64), 1)
+            b_t = torch.cat([other.bits[k] for k in self.layers], dim=1).to(torch.float64)
+            parts += [(p - q).abs().sum(1, keepdim=True),
+                      (p.detach().argmax(1) != q.detach().argmax(1)).to(torch.float64)[:, None],
+                      (b + b_t - 2 * b * b_t) @ self._layer_mean]  # share of flipped bits
+        return torch.cat(parts, dim=1)
 
     @property
     def layer_names(self) -> list[str]:
@@ -328,6 +379,8 @@ class PathProfile:
         if "prediction" in self.groups:
             parts.append(prediction_stats(paths.logits))
         parts += [stats[s] for s in HEAD_STATS if "class_evidence" in self.groups]
+        if "stability" in self.groups:
+            parts.append(self.stability_stats(paths))
         if self.include_raw:
             parts += [paths.bits[k].to(torch.float64) for k in self.layers]
             parts += [paths.gate_logits[k].to(torch.float64) for k in self.layers]
@@ -346,6 +399,10 @@ class PathProfile:
             names += list(GLOBAL_STATS)
         if "class_evidence" in self.groups:
             names += [f"{s}[{k}]" for s in HEAD_STATS for k in self.layers]
+        if "stability" in self.groups:
+            for t in self.stability:
+                names += [f"stab_prob_l1[{t}]", f"stab_pred_change[{t}]"]
+                names += [f"stab_flips[{t}][{k}]" for k in self.layers]
         if self.include_raw:
             for kind in ("bit", "gate_logit"):
                 names += [f"{kind}[{k}][{i}]" for k, lp in self.layers.items()
@@ -356,8 +413,8 @@ class PathProfile:
         """Flat tensors for safetensors storage (see :meth:`from_arrays`)."""
         arrays: dict[str, torch.Tensor] = {}
         for i, lp in enumerate(self.layers.values()):
-            for field in ("freq", "mean", "var"):
-                arrays[f"{i}.{field}"] = getattr(lp, field).contiguous()
+            for name in ("freq", "mean", "var"):
+                arrays[f"{i}.{name}"] = getattr(lp, name).contiguous()
             arrays[f"{i}.anomaly"] = torch.tensor([lp.anomaly_mean, lp.anomaly_std],
                                                   dtype=torch.float64)
             if lp.head_weight is not None:
@@ -367,15 +424,16 @@ class PathProfile:
 
     @classmethod
     def from_arrays(cls, names: list[str], arrays: Mapping[str, torch.Tensor],
-                    include_raw: bool) -> PathProfile:
-        """Inverse of :meth:`to_arrays`; ``names`` are the layer names in order."""
+                    include_raw: bool, stability: tuple[str, ...] = ()) -> PathProfile:
+        """Inverse of :meth:`to_arrays`; ``names`` are the layer names in order (the feature
+        settings ``include_raw`` and ``stability`` are kept in the bundle's manifest)."""
         layers = {}
         for i, name in enumerate(names):
             a = arrays[f"{i}.anomaly"]
             layers[name] = LayerProfile(*(arrays[f"{i}.{f}"] for f in ("freq", "mean", "var")),
                                         float(a[0]), float(a[1]), arrays.get(f"{i}.head_weight"),
                                         arrays.get(f"{i}.head_bias"))
-        return cls(layers, include_raw)
+        return cls(layers, include_raw, stability=stability)
 
 
 def fit_class_heads(paths: PathBatch, labels: ArrayLike, num_classes: int, *,

@@ -12,7 +12,10 @@ from typing import Any
 
 from detector.checkpoint import ModelSpec
 
-FORMAT_VERSION = 1
+#: 1: path statistics; 2: the profile may carry class heads (class evidence features) and the
+#: operating point stability transforms (one more forward pass each). Readers load every version
+#: up to theirs.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PROFILE = "profile.safetensors"
@@ -27,7 +30,9 @@ class OperatingPoint:
     score above it is flagged; target_fpr in (0, 1): the clean false-positive rate the threshold
     was set for; clean_fpr: the rate realised on the held-out clean samples that set it (None in
     bundles that did not record it); include_raw_features: raw gate bits and logits appended to
-    the path statistics; n_features: the detector's input width F.
+    the path statistics; n_features: the detector's input width F; stability_transforms: names
+    of :data:`detector.stability.TRANSFORMS` whose companion paths the features compare with the
+    input's (empty: none).
     """
 
     model: str
@@ -36,6 +41,7 @@ class OperatingPoint:
     clean_fpr: float | None
     include_raw_features: bool
     n_features: int
+    stability_transforms: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OperatingPoint:
@@ -44,12 +50,15 @@ class OperatingPoint:
                    target_fpr=float(data["target_fpr"]),
                    clean_fpr=None if clean_fpr is None else float(clean_fpr),
                    include_raw_features=bool(data.get("include_raw_features", False)),
-                   n_features=int(data["n_features"]))
+                   n_features=int(data["n_features"]),
+                   stability_transforms=tuple(str(t) for t in
+                                              data.get("stability_transforms", ())))
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "threshold": self.threshold, "target_fpr": self.target_fpr,
                 "clean_fpr": self.clean_fpr, "include_raw_features": self.include_raw_features,
-                "n_features": self.n_features}
+                "n_features": self.n_features,
+                "stability_transforms": list(self.stability_transforms)}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Images are (N, C, H, W) float32 in [0, 1]; labels (N,) int64; paths
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,15 +17,31 @@ from torch import nn
 
 from detector.features import PathBatch
 from detector.paths import compute_path
+from detector.stability import with_companions
 
 
-def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> PathBatch:
-    """Paths of x: (N, C, H, W) in [0, 1], in eval mode, without gradients."""
+def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                  stability: Sequence[str] = ()) -> PathBatch:
+    """Paths of x: (N, C, H, W) in [0, 1], in eval mode, without gradients; with the companion
+    paths of the ``stability`` transforms (:mod:`detector.stability`) attached."""
     model.eval()
+    parts = []
     with torch.inference_mode():
-        parts = [PathBatch.from_result(compute_path(model, x[i:i + batch_size], pooled=False))
-                 for i in range(0, len(x), batch_size)]
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            paths = PathBatch.from_result(compute_path(model, xb, pooled=False))
+            parts.append(with_companions(model, xb, paths, stability) if stability else paths)
     return PathBatch.concat(parts)
+
+
+def attach_stability(model: nn.Module, sets: Sets, stability: Sequence[str],
+                     batch_size: int = 256) -> None:
+    """Attach the companion paths of the ``stability`` transforms to every path batch of
+    ``sets`` (clean, adversarial, benign), computed from their images."""
+    sets.clean_paths = extract_paths(model, sets.x_clean, batch_size, stability)
+    for s in [*sets.adversarial.values(), *([sets.benign] if sets.benign else [])]:
+        if s.paths is not None:
+            s.paths = extract_paths(model, s.x, batch_size, stability)
 
 
 @torch.no_grad()

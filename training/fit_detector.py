@@ -31,14 +31,24 @@ from detector.checkpoint import load_checkpoint, load_class_heads
 from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import FEATURE_GROUPS, PathBatch, PathProfile, fit_class_heads
 from detector.paths import network_macs
+from detector.stability import TRANSFORMS, check_transforms
 from evaluation.adaptive.evaluate import evaluate_adaptive
 from evaluation.attacks import AttackSpec
 from evaluation.crafting import craft_sets
-from evaluation.metrics import worst_case
+from evaluation.metrics import worst_case, worst_case_unseen_family
 from evaluation.protocol import evaluate_variant, profile_ids, split_by_image
 from evaluation.report import markdown_report, plot_rocs
-from evaluation.sets import Sets, correct_subset, extract_paths, sets_from_arrays, sets_to_arrays
-from evaluation.shifts import add_noise_negatives, benign_shifts
+from evaluation.sets import (
+    Sets,
+    attach_stability,
+    correct_subset,
+    extract_paths,
+    predict,
+    sets_from_arrays,
+    sets_to_arrays,
+)
+from evaluation.shifts import add_benign_negatives, add_noise_negatives, benign_shifts
+from evaluation.suites import SUITES, eval_suite
 from training import decouple as decouple_cmd
 from training import train as train_cmd
 from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
@@ -52,12 +62,8 @@ log = logging.getLogger("training.fit_detector")
 ADVERSARIAL = "adversarial.npz"
 
 GREY_FIT = ("fgsm:0.1", "fgsm:0.2", "fgsm:0.3", "pgd:0.1", "pgd:0.2", "pgd:0.3")
-GREY_EVAL = ("fgsm:0.3", "pgd:0.3", "pgd:0.05", "pgd:0.15", "pgd:0.25", "bim:0.3", "cw",
-             "deepfool", "square:0.3")
 COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/255", "pgd:4/255",
               "pgd:8/255", "pgd:16/255")
-COLOUR_EVAL = ("fgsm:8/255", "pgd:8/255", "pgd:1/255", "pgd:12/255", "bim:8/255", "cw",
-               "deepfool", "square:8/255")
 VARIANTS = ("logistic", "hist_gb", "random_forest", "logistic+raw", "hist_gb+raw")
 CLASS_HEADS = ("auto", "checkpoint", "fit", "none")
 #: How long a rank waits for the others under torchrun: rank 0 gathers the sets when the
@@ -77,10 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attacks to fit on (default: FGSM and PGD at 0.1/0.2/0.3 for grey "
                         "images, 2/4/8/16 /255 for colour)")
     g.add_argument("--eval-attacks", nargs="+", default=None,
-                   help="attacks to evaluate on, fitted and unseen (default: FGSM, PGD at the "
-                        "main strength and two unseen ones, BIM, CW, DeepFool, Square); the "
-                        "adaptive ones (pgd-aware:eps, square-aware:eps) attack the bundled "
+                   help="attacks to evaluate on, fitted and unseen (default: those of "
+                        "--eval-suite); name:eps@share runs one on that share of the images; "
+                        "the adaptive ones (pgd-aware:eps, square-aware:eps) attack the bundled "
                         "detector and are crafted after fitting, never reused")
+    g.add_argument("--eval-suite", choices=SUITES, default="default",
+                   help="evaluation attacks when --eval-attacks is not given: 'default' (fast: "
+                        "FGSM, PGD at the main strength and two unseen ones, BIM, CW, "
+                        "DeepFool, Square), 'full' (every torchattacks attack of the L-inf / L2 "
+                        "threat model by family, each family at 1-16/255 for colour images, "
+                        "0.02-0.3 for grey; slow ones on 1/4 of the images; "
+                        "evaluation/suites.py) (default: %(default)s)")
     g.add_argument("--attacks-per-image", type=positive(int), default=1,
                    help="fitting attacks applied to each fitting image, drawn at random; 1 keeps "
                         "clean and adversarial classes balanced (default: %(default)s)")
@@ -102,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--noise-negatives", action="store_true",
                    help="also fit on Gaussian-noise copies of the clean fitting images as "
                         "negatives (per-image sigma; the threshold stays on clean images)")
+    d.add_argument("--benign-negatives", action="store_true",
+                   help="also fit on one randomly changed copy of each clean fitting image "
+                        "(noise, JPEG, brightness, contrast, shift or rotation, at strengths "
+                        "around the evaluated ones; those still classified correctly) as "
+                        "negatives; the threshold stays on clean images")
     d.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate on held-out clean images that sets the threshold "
                         "(default: %(default)s)")
@@ -110,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'checkpoint' (the decoupling's MI heads), 'fit' (logistic regressions "
                         "fitted on the clean profile paths), 'auto' (the checkpoint's if it "
                         "kept them, else fitted), 'none' (default: %(default)s)")
+    d.add_argument("--stability", nargs="*", default=list(TRANSFORMS), metavar="TRANSFORM",
+                   help="path stability features: compare each input's path with those of "
+                        f"slightly changed copies ({', '.join(TRANSFORMS)}; one more forward "
+                        "pass each when serving); the flag alone turns them off "
+                        "(default: %(default)s)")
     d.add_argument("--compare", nargs="*", default=list(VARIANTS),
                    help="detector variants to compare in the report: inner model with optional "
                         "'+raw' and any '-GROUP' to leave a feature group out (groups: "
@@ -163,6 +186,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if not 0.0 < args.target_fpr < 0.5:
         raise ValueError(f"--target-fpr must be in (0, 0.5), got {args.target_fpr}")
     variants = [_parse_variant(v) for v in args.compare]
+    stability = check_transforms(args.stability)
     data = load_data(args)
     checkpoint = ensure_checkpoint(args, data, rank)
     model, spec = load_checkpoint(checkpoint)
@@ -175,7 +199,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     fit_specs = [AttackSpec.parse(a)
                  for a in args.fit_attacks or (GREY_FIT if grey else COLOUR_FIT)]
     eval_specs = [AttackSpec.parse(a)
-                  for a in args.eval_attacks or (GREY_EVAL if grey else COLOUR_EVAL)]
+                  for a in args.eval_attacks or eval_suite(args.eval_suite, grey)]
     if any(s.adaptive for s in fit_specs):
         raise ValueError("--fit-attacks: adaptive attacks (pgd-aware, square-aware) attack the "
                          "fitted detector, so they can only be evaluated: name them in "
@@ -227,9 +251,18 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
                                per_image=None, square_queries=args.square_queries)
     if args.noise_negatives:
         add_noise_negatives(model, fit_sets, seed=args.seed + 2)
+    if args.benign_negatives:
+        add_benign_negatives(model, fit_sets, seed=args.seed + 3)
+    if stability:
+        for sets in (fit_sets, eval_sets):
+            attach_stability(model, sets, stability)
+        profile = profile.with_stability(stability)
     fitted = {s.label for s in fit_specs}
-    shifts = benign_shifts(x_eval, seed=args.seed)
-    shift_paths = {k: extract_paths(model, v) for k, v in shifts.items()}
+    # benign changes of every evaluation image, right or wrong, for the classifier's accuracy
+    x_all, y_all = to_float(data.x_test[eval_ids]), data.y_test[eval_ids]
+    shift_correct = (predict(model, x_all) == y_all).numpy()
+    shifts = benign_shifts(x_all, seed=args.seed)
+    shift_paths = {k: extract_paths(model, v, stability=stability) for k, v in shifts.items()}
 
     main_variant = (args.detector, args.raw_features, ())
     if args.ablation:
@@ -242,7 +275,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             raise ValueError(f"variant {_variant_name(name, raw, without)!r} leaves no features")
         detector = PathDetector(model=name, target_fpr=args.target_fpr, random_state=args.seed)
         res = evaluate_variant(detector, profile.with_features(groups), raw, fit_sets,
-                               eval_sets, shift_paths, y_eval.numpy(), fitted, seed=args.seed)
+                               eval_sets, shift_paths, y_all.numpy(), fitted, seed=args.seed,
+                               clean_correct=shift_correct)
         results[_variant_name(name, raw, without)] = res
         if (name, raw, without) == main_variant:
             bundled = (detector, res)
@@ -269,6 +303,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         main_result["attacks"].update(attacks)  # the same dict as evaluation["attacks"]
         main_result["scores"]["attacks"].update(scores)
         main_result["worst"] = evaluation["worst"] = worst_case(main_result["attacks"])
+        main_result["worst_unseen_family"] = evaluation["worst_unseen_family"] = \
+            worst_case_unseen_family(main_result["attacks"])
         write_bundle()  # the manifest's summary with the adaptive attacks
 
     metrics: dict[str, Any] = {
@@ -280,7 +316,9 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
             "reused_attacks": reused, "noise_negatives": args.noise_negatives,
-            "class_heads": args.class_heads,
+            "benign_negatives": args.benign_negatives,
+            "eval_suite": None if args.eval_attacks else args.eval_suite,
+            "class_heads": args.class_heads, "stability": list(stability),
             "max_fit": args.max_fit, "max_eval": args.max_eval,
             "max_profile": args.max_profile, "processes": 1 if rank is None else rank.world,
         },
@@ -289,7 +327,9 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         "threshold": detector.threshold_, "threshold_clean_fpr": detector.clean_fpr_,
         "evaluation": evaluation,
         "variants": {k: {"auroc": {a: m.get("auroc", float("nan")) for a, m in
-                                   v["attacks"].items()}, "worst_auroc": v["worst"]["auroc"]}
+                                   v["attacks"].items()}, "worst_auroc": v["worst"]["auroc"],
+                         "worst_unseen_family_auroc": (v["worst_unseen_family"] or {}).get(
+                             "auroc")}
                      for k, v in results.items()},
     }
     metrics["seconds"] = time.perf_counter() - start

@@ -50,6 +50,11 @@ def test_metrics_cover_each_eval_attack(run, tiny_decoupled_checkpoint):
     attacks = metrics["evaluation"]["attacks"]
     assert list(attacks) == list(EVAL_LABELS)
     assert attacks["FGSM eps=0.2"]["fitted"] and not attacks["DEEPFOOL"]["fitted"]
+    assert attacks["FGSM eps=0.2"]["family_fitted"] and not attacks["DEEPFOOL"]["family_fitted"]
+    assert attacks["DEEPFOOL"]["family"] == "minimal perturbation"
+    assert metrics["config"]["eval_suite"] is None  # attacks named explicitly
+    unseen = metrics["evaluation"]["worst_unseen_family"]
+    assert unseen["auroc_attack"] == "DEEPFOOL" and unseen["families"] == ["minimal perturbation"]
     for m in attacks.values():
         assert m["n_adv"] > 0 and 0.0 <= m["auroc"] <= 1.0
     assert attacks["FGSM eps=0.2"]["auroc"] > 0.8  # a fitted attack on a tiny model is easy
@@ -98,13 +103,31 @@ def test_class_heads_and_feature_group_ablation(run, tiny_decoupled_checkpoint, 
     fit_detector.cli(args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["class_heads"] == heads
-    groups = ["bits", "gate_logits", "prediction"] + (["class_evidence"] if heads == "fit" else [])
+    groups = ["bits", "gate_logits", "prediction", "stability"] + (
+        ["class_evidence"] if heads == "fit" else [])
     assert set(metrics["variants"]) == {"logistic", "logistic-prediction-bits",
                                         *(f"logistic-{g}" for g in groups)}
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.profile.has_heads == (heads == "fit")
     assert bundle.detector.n_features_in_ == len(bundle.profile.feature_names())
     assert "logistic-prediction-bits" in (tmp_path / "report.md").read_text()
+
+
+def test_stability_features_on_by_default_and_off_on_request(run, tiny_decoupled_checkpoint,
+                                                              tmp_path):
+    bundle = load_bundle(run / "bundle")
+    assert bundle.manifest.detector.stability_transforms == ("shift", "blur", "bits5")
+    names = bundle.profile.feature_names()
+    assert "stab_prob_l1[blur]" in names and bundle.detector.n_features_in_ == len(names)
+    images = torch.rand(2, *bundle.spec.input_shape)
+    assert bundle.analyze(images).scores.shape == (2,)
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
+                               "--stability"))
+    plain = load_bundle(tmp_path / "bundle")
+    assert plain.manifest.detector.stability_transforms == ()
+    assert not any(n.startswith("stab_") for n in plain.profile.feature_names())
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["stability"] == []
 
 
 def test_class_heads_checkpoint_needs_kept_heads(run, tiny_decoupled_checkpoint, tmp_path,
@@ -212,3 +235,42 @@ def test_reuse_attacks_without_sets_is_an_error(tiny_decoupled_checkpoint, tmp_p
         fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks"))
     assert e.value.code == 2
     assert "adversarial.npz not found" in capsys.readouterr().err
+
+
+def test_benign_changes_are_reported(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    benign = metrics["evaluation"]["benign"]
+    assert len(benign) == 15 and "shift 1 px right and down" in benign
+    for m in benign.values():
+        # over all 60 evaluation images; n: those right before (the evaluated ones) and after
+        assert m["accuracy_clean"] == pytest.approx(metrics["n_eval_images"] / 60)
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] <= metrics["n_eval_images"]
+        assert m["flagged"] is None or 0.0 <= m["flagged"] <= 1.0
+    worst = metrics["evaluation"]["worst_benign"]
+    assert worst is None or benign[worst["change"]]["within_tolerance"]
+    report = (run / "report.md").read_text()
+    assert "within 2 points" in report and "attack families not fitted on" in report
+
+
+def test_benign_negatives(run, tiny_decoupled_checkpoint, tmp_path):
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
+                               "--benign-negatives", "--noise-negatives"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["benign_negatives"] and metrics["config"]["noise_negatives"]
+    assert 0.0 <= metrics["evaluation"]["clean_fpr"] <= 0.2
+
+
+def test_eval_suite_chooses_the_attacks(run, tiny_decoupled_checkpoint, tmp_path, capsys):
+    """Without --eval-attacks, --eval-suite full asks for its attacks (refused here by
+    --reuse-attacks, whose sets hold others: cheap proof of what was asked for)."""
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    args = tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks", "--eval-suite",
+                     "full")
+    i = args.index("--eval-attacks")
+    del args[i:i + 3]
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'FGSM eps=0.02', 'FGSM eps=0.05'" in err and "'SPSA eps=0.3'" in err

@@ -1,0 +1,78 @@
+"""Path stability: the paths of slightly changed copies of an input, next to its own.
+
+A clean input sits well inside its class: a one-pixel shift, a slight blur or a coarser bit
+depth leave its prediction and most of its gates as they were. An adversarial input is pushed
+just across a decision boundary (minimal-perturbation attacks end right at it) or carries a
+perturbation that these changes partly undo, so its prediction and path move (the idea of
+Xu et al.'s feature squeezing, NDSS 2018, applied to the computation path). Each transform costs
+one more forward pass of the network.
+
+The transforms are fixed, parameter-free and differentiable (bit-depth reduction straight-through)
+so attacks can differentiate through them:
+
+- ``shift``: translate by one pixel right and down (edge pixels repeated);
+- ``blur``: 3x3 binomial blur (weights 1-2-1 per axis), edges repeated;
+- ``bits5``: round each pixel to 5 bits (32 levels).
+
+:class:`detector.features.PathProfile` turns the companion paths into features (``stability``
+group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detector.features import PathBatch
+from detector.paths import compute_path
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (1, 0, 1, 0), mode="replicate")[..., :-1, :-1]
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
+    kernel = (k[:, None] * k[None]).expand(x.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
+
+
+def _bits5(x: torch.Tensor) -> torch.Tensor:
+    rounded = torch.round(x * 31) / 31
+    return x + (rounded - x).detach()  # value of the rounding, gradient of the identity
+
+
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "shift": _shift, "blur": _blur, "bits5": _bits5}
+
+
+def check_transforms(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, each a key of :data:`TRANSFORMS` (ValueError naming others)."""
+    unknown = [n for n in names if n not in TRANSFORMS]
+    if unknown:
+        raise ValueError(f"unknown stability transforms {unknown}; choose from "
+                         f"{', '.join(TRANSFORMS)}")
+    return tuple(names)
+
+
+def transformed(name: str, images: torch.Tensor) -> torch.Tensor:
+    """images (N, C, H, W) in [0, 1] -> the same shape in [0, 1], changed by transform
+    ``name``."""
+    return TRANSFORMS[name](images)
+
+
+def with_companions(model: nn.Module, images: torch.Tensor, paths: PathBatch,
+                    names: Sequence[str], ste: str | None = None) -> PathBatch:
+    """``paths`` (of ``images``, (N, C, H, W) in [0, 1]) with the paths of each transformed
+    copy attached as companions; one forward pass of ``model`` per transform, run as the
+    caller's context runs it (no grad, sparse execution, straight-through gates...).
+
+    ``ste``: as for :meth:`PathBatch.from_result` (attacks keep the graph).
+    """
+    companions = {name: PathBatch.from_result(
+        compute_path(model, transformed(name, images), pooled=False), ste)
+        for name in check_transforms(names)}
+    return paths.with_companions(companions)
