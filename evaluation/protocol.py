@@ -14,7 +14,7 @@ thresholds come from :mod:`detector.threshold`, never tuned per attack.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,13 @@ import torch
 
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
-from evaluation.metrics import attack_metrics, worst_case
+from evaluation.metrics import (
+    attack_metrics,
+    benign_change_metrics,
+    worst_benign,
+    worst_case,
+    worst_case_unseen_family,
+)
 from evaluation.sets import Sets
 
 
@@ -43,7 +49,8 @@ def profile_ids(n_train: int, seed: int, max_profile: int) -> torch.Tensor:
 
 def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fit: Sets,
                      evaluation: Sets, shifts: dict[str, PathBatch], y_eval: np.ndarray,
-                     fitted: Container[str], seed: int) -> dict[str, Any]:
+                     fitted: Iterable[str], seed: int, *,
+                     clean_correct: np.ndarray | None = None) -> dict[str, Any]:
     """Fit ``detector`` on path features of the fitting sets and measure it on the evaluation
     sets.
 
@@ -51,9 +58,13 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     fitting images and their benign copies (``fit.benign``); positives: every fitting attack;
     groups are source images, and only clean images set the threshold. Returns clean_fpr
     (evaluation clean images flagged), attacks (label -> :func:`evaluation.metrics
-    .attack_metrics`), worst (:func:`evaluation.metrics.worst_case`), benign (shift label ->
-    flagged share and accuracy of the shifted images, labels ``y_eval`` (N,)) and scores
-    (clean (Nc,) and per attack (Na,) adversarial probabilities, for the ROC plot).
+    .attack_metrics`), worst (:func:`evaluation.metrics.worst_case`), worst_unseen_family
+    (the same over attacks of families not fitted on, or None), benign (shift label ->
+    :func:`evaluation.metrics.benign_change_metrics` of the shifted images ``shifts`` with
+    labels ``y_eval`` (N,); ``clean_correct`` (N,): whether the classifier got each image
+    right before the change, all True if not given), worst_benign
+    (:func:`evaluation.metrics.worst_benign`) and scores (clean (Nc,) and per attack (Na,)
+    adversarial probabilities, for the ROC plot).
     """
     prof = profile.with_features(include_raw=raw)
     advs = [s for s in fit.adversarial.values() if s.paths is not None]
@@ -79,28 +90,32 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
                   for label, s in evaluation.adversarial.items()}
     attacks = attack_metrics(clean, adv_scores, t, attempts=evaluation.attempts, fitted=fitted,
                              seed=seed)
-    benign = {}
-    for label, paths in shifts.items():
-        benign[label] = {"flagged": float((scores(paths) > t).mean()),
-                         "accuracy": float((paths.logits.argmax(1).numpy() == y_eval).mean())}
+    before = np.ones(len(y_eval), bool) if clean_correct is None else clean_correct
+    benign = {label: benign_change_metrics(scores(paths) > t, before,
+                                           paths.logits.argmax(1).numpy() == y_eval)
+              for label, paths in shifts.items()}
     return {
         "clean_fpr": float((clean > t).mean()),
         "attacks": attacks,
         "worst": worst_case(attacks),
+        "worst_unseen_family": worst_case_unseen_family(attacks),
         "benign": benign,
+        "worst_benign": worst_benign(benign),
         "scores": {"clean": clean, "attacks": adv_scores},
     }
 
 
 def evaluate_scorer(score_images: Callable[[torch.Tensor], np.ndarray], threshold: float,
-                    evaluation: Sets, fitted: Container[str], seed: int) -> dict[str, Any]:
+                    evaluation: Sets, fitted: Iterable[str], seed: int) -> dict[str, Any]:
     """Score every evaluation set with ``score_images``: x (N, C, H, W) in [0, 1] -> (N,)
     scores (higher = adversarial), flagged above ``threshold``. Returns clean_fpr, threshold,
-    attacks (label -> :func:`evaluation.metrics.attack_metrics`) and worst."""
+    attacks (label -> :func:`evaluation.metrics.attack_metrics`), worst and
+    worst_unseen_family (as :func:`evaluate_variant`)."""
     clean = score_images(evaluation.x_clean)
     advs = {label: score_images(s.x) if len(s.y) else np.empty(0)
             for label, s in evaluation.adversarial.items()}
     attacks = attack_metrics(clean, advs, threshold, attempts=evaluation.attempts,
                              fitted=fitted, seed=seed)
     return {"clean_fpr": float((clean > threshold).mean()), "threshold": threshold,
-            "attacks": attacks, "worst": worst_case(attacks)}
+            "attacks": attacks, "worst": worst_case(attacks),
+            "worst_unseen_family": worst_case_unseen_family(attacks)}
