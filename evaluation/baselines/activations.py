@@ -6,8 +6,10 @@ decoupled network computes exactly like the dense network it was made from; a ga
 is then its batch-normalised conv output (before the following ReLU).
 
 Layers are named like the computation path (module path of the gated conv, e.g.
-``layer2.0.conv1``), plus ``penultimate`` (the input of the final linear classifier) and
-``logits``.
+``layer2.0.conv1``: its batch-normalised output), ``<gated conv>:input`` (what that conv reads:
+the previous layer's output after its activation function, e.g. ``layer2.0.conv1:input`` is the
+output of the last block of ``layer1``, residual sum and ReLU included), plus ``penultimate``
+(the input of the final linear classifier) and ``logits``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from detector.recording import recording
 
 PENULTIMATE = "penultimate"
 LOGITS = "logits"
+INPUT = ":input"
+"""Suffix of a gated conv's name that names its input (see the module docstring)."""
+
+
+def conv_input(name: str) -> str:
+    """The layer name of what gated conv ``name`` reads."""
+    return name + INPUT
 
 
 def gated_modules(model: nn.Module) -> dict[str, GatedConv]:
@@ -43,14 +52,46 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
 def output_sizes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, tuple[int, int]]:
     """Spatial output size (H, W) of every gated conv for one (C, H, W) input."""
     names = list(gated_modules(model))
+    acts = _one_pass(model, names, input_shape)
+    return {n: (int(acts[n].shape[2]), int(acts[n].shape[3])) for n in names}
+
+
+def _one_pass(model: nn.Module, names: Sequence[str], input_shape: tuple[int, int, int]
+              ) -> dict[str, torch.Tensor]:
+    """The activations ``names`` of one zero (C, H, W) input, every gate open, in eval mode."""
     was_training = model.training
     model.eval()
     try:
         with activations(model, names, force_open=True) as acts, torch.no_grad():
             model(torch.zeros(1, *input_shape))
-            return {n: (int(acts[n].shape[2]), int(acts[n].shape[3])) for n in names}
+            return dict(acts)
     finally:
         model.train(was_training)
+
+
+def select_inputs(model: nn.Module, input_shape: tuple[int, int, int],
+                  max_layers: int = 6) -> list[str]:
+    """What the gated convs read (``<conv>:input``), as Lee et al. read a ResNet after its stem
+    and after each stage: a conv that reads the same tensor as an earlier one (a shortcut conv
+    reads its block's input) is left out; all the rest if at most ``max_layers``, else the first
+    (the stem's output) and the last at each spatial resolution (the output of each stage, as
+    the next stage's strided conv reads it; the last stage's output is :data:`PENULTIMATE`,
+    pooled). In execution order."""
+    names = [conv_input(n) for n in gated_modules(model)]
+    acts = _one_pass(model, names, input_shape)
+    seen: set[int] = set()
+    distinct = []
+    for name in names:  # execution order
+        if id(acts[name]) not in seen:
+            seen.add(id(acts[name]))
+            distinct.append(name)
+    if len(distinct) <= max_layers:
+        return distinct
+    last: dict[tuple[int, int], str] = {}
+    for name in distinct:  # later inputs of the same resolution overwrite
+        last[tuple(acts[name].shape[2:])] = name
+    keep = {distinct[0], *last.values()}
+    return [n for n in distinct if n in keep]
 
 
 def select_layers(model: nn.Module, input_shape: tuple[int, int, int],
@@ -73,13 +114,16 @@ def activations(model: nn.Module, names: Sequence[str], *, force_open: bool = Tr
                 ) -> Iterator[dict[str, torch.Tensor]]:
     """Capture activations of every forward pass run inside the block.
 
-    ``names``: gated conv names, :data:`PENULTIMATE` and/or :data:`LOGITS`. The yielded dict is
-    filled (and overwritten) by each forward pass: gated conv -> (B, C, H, W) output,
-    penultimate -> (B, D) classifier input, logits -> (B, K). Tensors carry gradients if the
-    caller enables them. ``force_open`` opens every gate (the dense network).
+    ``names``: gated conv names, their inputs (:func:`conv_input`), :data:`PENULTIMATE` and/or
+    :data:`LOGITS`. The yielded dict is filled (and overwritten) by each forward pass: gated
+    conv -> (B, C, H, W) output, its input -> (B, C', H', W'), penultimate -> (B, D) classifier
+    input, logits -> (B, K). Tensors carry gradients if the caller enables them.
+    ``force_open`` opens every gate (the dense network).
     """
     gated = gated_modules(model)
-    unknown = [n for n in names if n not in gated and n not in (PENULTIMATE, LOGITS)]
+    inputs_of = {conv_input(n): n for n in gated}
+    unknown = [n for n in names
+               if n not in gated and n not in inputs_of and n not in (PENULTIMATE, LOGITS)]
     if unknown:
         raise ValueError(f"unknown layers {unknown}; gated layers are {list(gated)}")
     store: dict[str, torch.Tensor] = {}
@@ -90,9 +134,16 @@ def activations(model: nn.Module, names: Sequence[str], *, force_open: bool = Tr
             store[name] = out
         return hook
 
+    def keep_input(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            store[name] = inputs[0]
+        return hook
+
     for name in names:
         if name in gated:
             handles.append(gated[name].register_forward_hook(keep(name)))
+        elif name in inputs_of:
+            handles.append(gated[inputs_of[name]].register_forward_pre_hook(keep_input(name)))
     fc = classifier_layer(model)
     if PENULTIMATE in names:
         handles.append(fc.register_forward_pre_hook(

@@ -1,9 +1,11 @@
 """The fitting samples of the score-based baselines (Mahalanobis, LID), and their logistic
 regression thresholded like every detector of the project.
 
-As in both papers, the fitting side holds the clean fitting images, optionally their noisy
-versions (:func:`evaluation.shifts.noisy_like`: Gaussian noise of each adversarial example's L2
-distortion, labelled clean), then every fitting attack; samples are grouped by source image.
+As in both papers, the fitting side holds the clean fitting images, optionally noisy versions
+of each fitting adversarial example's source image, labelled clean, then every fitting attack;
+samples are grouped by source image. The noise: Gaussian of each adversarial example's L2
+distortion (:func:`evaluation.shifts.noisy_like`, Ma et al.'s protocol), or of a fixed pixel std
+(Lee et al.'s reference code).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from detector.estimator import make_inner
 from detector.threshold import FPRThresholdClassifier
 from evaluation.detector_run import DetectorRun
-from evaluation.shifts import noisy_like
+from evaluation.shifts import gaussian_noise, noisy_like
 
 
 @dataclass
@@ -33,8 +35,11 @@ class FitSide:
     noisy: np.ndarray
 
 
-def fit_side(run: DetectorRun, with_noisy: bool) -> FitSide:
-    """Clean fitting images, (optionally) their noisy versions, then every fitting attack."""
+def fit_side(run: DetectorRun, with_noisy: bool, noise_std: float | None = None) -> FitSide:
+    """Clean fitting images, (optionally) noisy versions of the adversarial examples' source
+    images, then every fitting attack. ``noise_std``: None for noise of each adversarial
+    example's L2 distortion, else the pixel std of the noise (> 0); noisy images are clipped
+    to [0, 1] and seeded by the run's seed."""
     fit = run.fit
     n = len(fit.y_clean)
     advs = [s for s in fit.adversarial.values() if len(s.y)]
@@ -42,7 +47,13 @@ def fit_side(run: DetectorRun, with_noisy: bool) -> FitSide:
     src = np.concatenate([s.image for s in advs])
     xs, ys, gs, ns = [fit.x_clean], [np.zeros(n)], [np.arange(n)], [np.zeros(n, bool)]
     if with_noisy:
-        xs.append(noisy_like(fit.x_clean[src], x_adv, run.seed))
+        if noise_std is None:
+            xs.append(noisy_like(fit.x_clean[src], x_adv, run.seed))
+        elif noise_std > 0:
+            g = torch.Generator().manual_seed(run.seed)
+            xs.append(gaussian_noise(fit.x_clean[src], noise_std, g))
+        else:
+            raise ValueError(f"noise_std must be > 0 (or None), got {noise_std}")
         ys.append(np.zeros(len(src)))
         gs.append(src)
         ns.append(np.ones(len(src), bool))

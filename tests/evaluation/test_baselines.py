@@ -67,44 +67,102 @@ def test_noisy_like_matches_l2_distortion() -> None:
                                [0.05, 0.1, 0.2, 0.0], atol=1e-6)
 
 
-def _manual_mahalanobis(train: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """min_c (z - mu_c)^T Sigma^-1 (z - mu_c), Sigma the shared within-class covariance."""
+def _manual_distances(train: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """(N, K) (z - mu_c)^T Sigma^-1 (z - mu_c), Sigma the shared within-class covariance."""
     mu = np.stack([train[y == c].mean(0) for c in np.unique(y)])
     centred = train - mu[y]
     precision = np.linalg.inv(centred.T @ centred / len(train))
-    d = [np.einsum("nd,de,ne->n", z - m, precision, z - m) for m in mu]
-    return np.min(d, axis=0)
+    return np.stack([np.einsum("nd,de,ne->n", z - m, precision, z - m) for m in mu], axis=1)
 
 
-def test_mahalanobis_score_equals_manual_computation() -> None:
-    pytest.importorskip("pytorch_ood")
-    from evaluation.baselines.mahalanobis import LayerMahalanobis
-
+def _three_classes() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
-    train = torch.randn(60, 4, generator=g, dtype=torch.float64) + 2.0 * y[:, None]
-    x = torch.rand(7, 1, 2, 2, generator=g) * 4  # images whose features are their 4 pixels
+    return torch.randn(60, 4, generator=g, dtype=torch.float64) + 2.0 * y[:, None], y
+
+
+def test_tied_covariance_is_sklearns_empirical_covariance_of_centred_features() -> None:
+    from sklearn.covariance import EmpiricalCovariance
+
+    from evaluation.baselines.mahalanobis import ClassGaussians
+
+    train, y = _three_classes()
+    gaussians = ClassGaussians.fit(train.float(), y)
+    means = np.stack([train[y == c].mean(0).numpy() for c in range(3)])
+    np.testing.assert_allclose(gaussians.means.numpy(), means, rtol=1e-6)
+    # the reference code: EmpiricalCovariance of the class-centred features, its precision_
+    reference = EmpiricalCovariance(assume_centered=False).fit(train.numpy() - means[y.numpy()])
+    np.testing.assert_allclose(gaussians.precision.numpy(), reference.precision_, rtol=1e-5)
+    # a direction without variance (a dead feature) is ignored, not blown up
+    dead = torch.cat([train, torch.zeros(60, 1, dtype=torch.float64)], dim=1)
+    distances = ClassGaussians.fit(dead, y).distances(dead[:5] + torch.tensor([0, 0, 0, 0, 5.0]))
+    np.testing.assert_allclose(distances.numpy(), gaussians.distances(train[:5]).numpy(),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="every class"):
+        ClassGaussians.fit(train, torch.where(y == 1, 2, y))  # class 1 missing
+
+
+def test_mahalanobis_score_is_the_largest_negative_distance() -> None:
+    from evaluation.baselines.mahalanobis import LayerMahalanobis
+
+    train, y = _three_classes()
+    x = torch.rand(7, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 4
+
+    def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:  # features: the 4 pixels
+        return {"f": images.flatten(1) * 1.0}
+
+    plain = LayerMahalanobis(encode, ["f"]).fit({"f": train.float()}, y)
+    expected = -_manual_distances(train.numpy(), y.numpy(), x.flatten(1).double().numpy())
+    np.testing.assert_allclose(plain.score(x)[:, 0], expected.max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(plain.score_features({"f": x.flatten(1)})[:, 0],
+                               expected.max(axis=1), rtol=1e-5)
+
+
+def test_preprocessing_steps_towards_the_closest_class_and_raises_the_score() -> None:
+    from evaluation.baselines.mahalanobis import LayerMahalanobis
+
+    train, y = _three_classes()
+    x = torch.rand(7, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 4
 
     def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"f": images.flatten(1) * 1.0}
 
-    plain = LayerMahalanobis(encode, ["f"]).fit({"f": train.float()}, y)
-    expected = _manual_mahalanobis(train.numpy(), y.numpy(), x.flatten(1).double().numpy())
-    np.testing.assert_allclose(plain.score(x)[:, 0], expected, rtol=1e-3)
-
-    # Pre-processing: one signed step of size eps towards the closest class centre.
     eps = 0.01
     pre = LayerMahalanobis(encode, ["f"], eps=eps).fit({"f": train.float()}, y)
     z = x.flatten(1).double().numpy()
-    mu = np.stack([train.numpy()[y.numpy() == c].mean(0) for c in range(3)])
-    centred = train.numpy() - mu[y.numpy()]
-    precision = np.linalg.inv(centred.T @ centred / 60)
-    closest = np.argmin([np.einsum("nd,de,ne->n", z - m, precision, z - m) for m in mu], 0)
-    grad = 2 * (z - mu[closest]) @ precision  # gradient of the squared distance
-    moved = z - eps * np.sign(grad)
+    tr, yy = train.numpy(), y.numpy()
+    mu = np.stack([tr[yy == c].mean(0) for c in range(3)])
+    precision = np.linalg.inv((tr - mu[yy]).T @ (tr - mu[yy]) / 60)
+    closest = _manual_distances(tr, yy, z).argmin(axis=1)
+    grad = -2 * (z - mu[closest]) @ precision  # gradient of the score -distance to that class
+    moved = z + eps * np.sign(grad)
+    np.testing.assert_allclose(pre.preprocess(x, "f").flatten(1).numpy(), moved, rtol=1e-6)
     np.testing.assert_allclose(pre.score(x)[:, 0],
-                               _manual_mahalanobis(train.numpy(), y.numpy(), moved), rtol=1e-3)
-    assert (pre.score(x)[:, 0] < expected).all()
+                               -_manual_distances(tr, yy, moved).min(axis=1), rtol=1e-5)
+    plain = LayerMahalanobis(encode, ["f"]).fit({"f": train.float()}, y)
+    assert (pre.score(x)[:, 0] > plain.score(x)[:, 0]).all()  # closer to a class after it
+    with pytest.raises(ValueError, match="eps"):
+        LayerMahalanobis(encode, ["f"], eps=-0.1)
+
+
+def test_mahalanobis_reads_what_the_gated_convs_read() -> None:
+    """On a ResNet: the stem's output, each stage's output (residual sum and ReLU included),
+    and, in the last stage, the last block's inner activation; no shortcut conv twice."""
+    from detector.checkpoint import ModelSpec
+    from evaluation.baselines.activations import encoder, select_inputs
+
+    model = ModelSpec("resnet20", (3, 32, 32), tuple("0123456789"),
+                      decoupled=True).build().eval()
+    assert select_inputs(model, (3, 32, 32)) == [
+        "layer1.0.conv1:input", "layer2.0.conv1:input", "layer3.0.conv1:input",
+        "layer3.2.conv2:input"]
+    every = select_inputs(model, (3, 32, 32), max_layers=100)
+    assert len(every) == 18 and not any("downsample" in n for n in every)
+    stage = {}
+    model.layer1.register_forward_hook(lambda module, inputs, out: stage.setdefault("out", out))
+    with torch.no_grad():
+        read = encoder(model, ["layer2.0.conv1:input"], pooled=True)(torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(read["layer2.0.conv1:input"], stage["out"].mean(dim=(2, 3)))
 
 
 def test_fit_logistic_thresholds_on_held_out_clean_images_only() -> None:
