@@ -152,6 +152,21 @@ def _variant_table(variants: dict[str, dict[str, Any]], attacks: list[str]) -> l
     if any(variants[n].get("worst_unseen_family_auroc") is not None for n in names):
         lines.append("| **worst, unseen families** | " + " | ".join(
             _fmt(variants[n].get("worst_unseen_family_auroc")) for n in names) + " |")
+    if any(variants[n].get("worst_tpr_at_threshold") is not None for n in names):
+        lines.append("| **worst TPR at threshold** | " + " | ".join(
+            _fmt(variants[n].get("worst_tpr_at_threshold")) for n in names) + " |")
+    if all("score_us" in variants[n] for n in names):
+        network = variants[names[0]]["network_us"]
+        stability = max(variants[n]["stability_us"] for n in names)
+        lines += ["", f"Cost at batch 1, one thread (the bare network's forward pass: "
+                  f"{network:.0f} us; the stability transforms' extra passes: "
+                  f"{stability:.0f} us):", "",
+                  "| variant | path -> score (us) | / network | detector size (KB) | "
+                  "torch export |", "|---" * 5 + "|"]
+        for n in names:
+            v = variants[n]
+            lines.append(f"| {n} | {v['score_us']:.0f} | {v['score_ratio']:.2f} | "
+                         f"{v['size_bytes'] / 1024:.0f} | {_yes(v['exported'])} |")
     return lines
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from detector.paths import network_macs
 from detector.stability import TRANSFORMS, check_transforms
 from evaluation.adaptive.evaluate import evaluate_adaptive
 from evaluation.attacks import AttackSpec
+from evaluation.cost import detector_costs
 from evaluation.crafting import craft_sets
 from evaluation.metrics import worst_case, worst_case_unseen_family
 from evaluation.protocol import evaluate_variant, profile_ids, split_by_image
@@ -269,6 +271,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         variants += [(args.detector, args.raw_features, (g,)) for g in profile.groups]
     results: dict[str, dict[str, Any]] = {}
     bundled = None
+    fitted_variants: dict[str, tuple[PathProfile, PathDetector]] = {}
     for name, raw, without in dict.fromkeys([main_variant, *variants]):
         groups = tuple(g for g in profile.groups if g not in without)
         if not groups and not raw:
@@ -278,10 +281,13 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
                                eval_sets, shift_paths, y_all.numpy(), fitted, seed=args.seed,
                                clean_correct=shift_correct)
         results[_variant_name(name, raw, without)] = res
+        fitted_variants[_variant_name(name, raw, without)] = (
+            profile.with_features(groups, include_raw=raw), detector)
         if (name, raw, without) == main_variant:
             bundled = (detector, res)
     assert bundled is not None
     detector, evaluation = bundled
+    costs = detector_costs(model, x_eval[:16], fitted_variants)
     evaluation = {k: v for k, v in evaluation.items() if k != "scores"}
     profile = profile.with_features(include_raw=args.raw_features)
     name = f"{spec.arch}-{data.name}"
@@ -329,7 +335,9 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         "variants": {k: {"auroc": {a: m.get("auroc", float("nan")) for a, m in
                                    v["attacks"].items()}, "worst_auroc": v["worst"]["auroc"],
                          "worst_unseen_family_auroc": (v["worst_unseen_family"] or {}).get(
-                             "auroc")}
+                             "auroc"),
+                         "worst_tpr_at_threshold": v["worst"].get("tpr_at_threshold"),
+                         **asdict(costs[k]), "score_ratio": costs[k].score_ratio}
                      for k, v in results.items()},
     }
     metrics["seconds"] = time.perf_counter() - start
