@@ -18,18 +18,24 @@ Methods:
   gated layer with all gates forced open (``compute_path(..., force_open=True)``), i.e. the dense
   network's own activations: what computation paths add over plain activations.
 - ``mahalanobis``: Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution
-  Samples and Adversarial Attacks" (NeurIPS 2018): per-layer Mahalanobis scores under
-  class-conditional Gaussians with a shared covariance (pytorch-ood), input pre-processing step
-  chosen among the reference code's magnitudes by grouped cross-validation on the fitting side,
-  logistic regression on the scores (:mod:`evaluation.baselines.mahalanobis`).
+  Samples and Adversarial Attacks" (NeurIPS 2018): per-layer Mahalanobis confidence scores under
+  class-conditional Gaussians with a tied covariance, on the features after the stem and after
+  each stage, input pre-processing step chosen among the reference code's magnitudes by grouped
+  cross-validation on the fitting side, logistic regression on the scores fitted on every
+  fitting attack together (:mod:`evaluation.baselines.mahalanobis`).
 - ``lid``: Ma et al., "Characterizing Adversarial Subspaces Using Local Intrinsic
   Dimensionality" (ICLR 2018): per-layer LID estimates (k = 20 neighbours in minibatches of 100
   clean reference activations), logistic regression (:mod:`evaluation.baselines.lid`).
+- ``dknn``: Papernot and McDaniel, "Deep k-Nearest Neighbors" (2018): per layer the k = 75
+  nearest of ``--dknn-train`` clean training images, nonconformity = neighbours over all layers
+  whose label differs from a class, calibrated on clean fitting images; score 1 - credibility
+  (:mod:`evaluation.baselines.deep_knn`). Fitted on no adversarial example.
 
-As in both papers, the two baselines from the literature are fitted with noisy negatives: each
-fitting adversarial example's clean source image plus Gaussian noise of the same L2 norm,
-labelled clean. Baselines read the network with every gate open (``--gates open``, default) or
-with its gates as trained (``--gates model``).
+As in both papers, Mahalanobis and LID are fitted with noisy negatives, labelled clean: each
+fitting adversarial example's clean source image plus Gaussian noise, for LID of the same L2
+norm (Ma et al.), for Mahalanobis of the reference code's fixed size (``--mahalanobis-noise``).
+Baselines read the network with every gate open (``--gates open``, default) or with its gates
+as trained (``--gates model``).
 
 Usage::
 
@@ -50,8 +56,8 @@ from typing import Any
 
 import torch
 
-from evaluation.baselines import lid, mahalanobis, path_detector, pooled
-from evaluation.baselines.activations import select_layers
+from evaluation.baselines import deep_knn, lid, mahalanobis, path_detector, pooled
+from evaluation.baselines.activations import select_inputs, select_layers
 from evaluation.baselines.report import comparison_markdown
 from evaluation.detector_run import DetectorRun, load_run, resolve_path
 from evaluation.protocol import profile_ids
@@ -60,7 +66,7 @@ from training.data import load_dataset, to_float
 
 log = logging.getLogger("benchmarks.baselines")
 
-METHODS = ("ours", "pooled", "mahalanobis", "lid")
+METHODS = ("ours", "pooled", "mahalanobis", "lid", "dknn")
 
 
 def profile_images(run: DetectorRun, data_dir: Path, max_profile: int
@@ -87,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     p.add_argument("--max-profile", type=int, default=None,
                    help="clean training images for the path profile and the Mahalanobis "
-                        "Gaussians (default: the run's own --max-profile)")
+                        "Gaussians (default: the run's own --max-profile); Deep k-NN takes the "
+                        "first --dknn-train of them")
     p.add_argument("--gates", choices=("open", "model"), default="open",
                    help="baselines read the network with every gate forced open (the dense "
                         "network) or with its trained gates (default: %(default)s)")
     p.add_argument("--max-layers", type=int, default=6,
-                   help="Mahalanobis/LID read every gated layer if there are at most this many, "
-                        "else the last one at each spatial resolution (default: %(default)s)")
+                   help="LID reads every gated layer if there are at most this many, else the "
+                        "last one at each spatial resolution; Mahalanobis and Deep k-NN read "
+                        "what the gated convs read, all if at most this many, else the stem's "
+                        "output and the last at each resolution (default: %(default)s)")
     p.add_argument("--mahalanobis-eps", type=float, nargs="+",
                    default=list(mahalanobis.LEE_EPSILONS),
                    help="input pre-processing steps (pixel units) to choose from by "
@@ -101,11 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mahalanobis-select", type=int, default=300,
                    help="fitting images (with their noisy and adversarial versions) on which "
                         "the step is chosen, at most (default: %(default)s)")
+    p.add_argument("--mahalanobis-noise", choices=mahalanobis.NOISES, default="lee",
+                   help="noisy negatives: Gaussian of the reference code's pixel std "
+                        f"{mahalanobis.LEE_NOISE_STD} (lee), of each adversarial example's L2 "
+                        "norm (same-l2, as LID and as this script did before), or none "
+                        "(default: %(default)s)")
     p.add_argument("--lid-k", type=int, default=20, help="LID neighbours (default: %(default)s)")
     p.add_argument("--lid-batch", type=int, default=100,
                    help="LID reference minibatch size (default: %(default)s)")
     p.add_argument("--lid-reference", type=int, default=1000,
                    help="clean fitting images used as LID references at most (default: "
+                        "%(default)s)")
+    p.add_argument("--dknn-k", type=int, default=75,
+                   help="Deep k-NN neighbours per layer (default: %(default)s)")
+    p.add_argument("--dknn-train", type=int, default=5000,
+                   help="clean training images Deep k-NN searches, at most (default: "
                         "%(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
@@ -121,11 +140,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
              run.directory, len(run.fit.y_clean),
              sum(len(s.y) for s in run.fit.adversarial.values()), len(run.evaluation.y_clean),
              n_adv)
-    needs_profile = {"ours", "mahalanobis"} & set(args.methods)
+    needs_profile = {"ours", "mahalanobis", "dknn"} & set(args.methods)
     max_profile = args.max_profile or int(run.config.get("max_profile", 10000))
     x_prof, y_prof = (profile_images(run, args.data_dir, max_profile) if needs_profile
                       else (torch.empty(0), torch.empty(0)))
     layers = select_layers(run.model, run.spec.input_shape, args.max_layers)
+    inputs = select_inputs(run.model, run.spec.input_shape, args.max_layers)
     results: dict[str, dict[str, Any]] = {}
     for method in (m for m in METHODS if m in args.methods):
         t0 = time.perf_counter()
@@ -134,11 +154,16 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         elif method == "pooled":
             res = pooled.fit_and_evaluate(run, force_open)
         elif method == "mahalanobis":
-            res = mahalanobis.fit_and_evaluate(run, x_prof, y_prof, layers, args.mahalanobis_eps,
-                                               force_open, args.mahalanobis_select)
-        else:
+            res = mahalanobis.fit_and_evaluate(run, x_prof, y_prof, inputs, args.mahalanobis_eps,
+                                               force_open, args.mahalanobis_select,
+                                               args.mahalanobis_noise)
+        elif method == "lid":
             res = lid.fit_and_evaluate(run, layers, args.lid_k, args.lid_batch,
                                        args.lid_reference, force_open)
+        else:
+            res = deep_knn.fit_and_evaluate(run, x_prof[:args.dknn_train],
+                                            y_prof[:args.dknn_train], inputs, args.dknn_k,
+                                            force_open)
         res["seconds"] = time.perf_counter() - t0
         log.info("%s: worst AUROC %.3f (%s), %.1fs", method, res["worst"]["auroc"],
                  res["worst"]["auroc_attack"], res["seconds"])

@@ -12,6 +12,7 @@ TITLES = {
     "pooled": "pooled activations, gates open",
     "mahalanobis": "Mahalanobis (Lee et al. 2018)",
     "lid": "LID (Ma et al. 2018)",
+    "dknn": "Deep k-NN (Papernot & McDaniel 2018)",
 }
 
 
@@ -75,7 +76,8 @@ def _title(method: str, force_open: bool) -> str:
 
 
 def _details(details: dict[str, Any]) -> str:
-    keep = ("detector", "features", "eps", "layers", "k", "batch", "reference_images")
+    keep = ("detector", "features", "eps", "noise", "layers", "k", "batch", "reference_images",
+            "train_images", "calibration_images")
     parts = []
     for key in keep:
         if key in details:
