@@ -203,5 +203,5 @@ def craft(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     out = []
     for i in tqdm(range(0, len(x), batch_size), desc=f"craft {spec.label}", unit="batch",
                   disable=not progress, leave=False):
-        out.append(attack(x[i:i + batch_size], y[i:i + batch_size]).detach())
+        out.append(attack(x[i:i + batch_size].contiguous(), y[i:i + batch_size]).detach())
     return torch.cat(out).clamp_(0.0, 1.0) if out else x.clone()

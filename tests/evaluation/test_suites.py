@@ -91,3 +91,12 @@ def test_colour_only_attacks(name):
     _check(spec, model, x, y)
     with pytest.raises(ValueError, match=f"attack '{name}' works on colour images only"):
         craft(spec, model, x[:, :1], y, progress=False)
+
+
+def test_attacks_take_images_in_any_memory_layout():
+    """torchattacks' PGD-L2 views its perturbation flat, which fails on a channels-last batch
+    (images decoded from HWC arrays); craft hands attacks contiguous batches."""
+    model = decouple(create_model("small_cnn", in_channels=3)).eval()
+    x, y = torch.rand(2, 8, 8, 3).permute(0, 3, 1, 2), torch.tensor([0, 1])
+    assert not x.is_contiguous()
+    _check(AttackSpec.parse("pgdl2:1"), model, x, y)
