@@ -43,7 +43,8 @@ from detector.manifest import (
     Manifest,
     OperatingPoint,
 )
-from detector.stability import check_transforms
+from detector.paths import compute_path
+from detector.stability import check_transforms, with_companions
 
 #: Every type a detector file may contain; anything else is refused on load, including types
 #: that skops itself would trust by default (any other scikit-learn estimator, say).
@@ -134,6 +135,16 @@ class Bundle:
                              f"got {tuple(images.shape)}")
         return analyze(self.model, self.profile, self.detector, images, self.network_macs,
                        execution, self.exported)
+
+    def record(self, images: torch.Tensor, ste: str | None = None) -> PathBatch:
+        """images (N, C, H, W) in [0, 1] -> the paths the bundle's features read: the network's
+        own and, if the features compare them, those of the stability transforms
+        (:mod:`detector.stability`). Runs in the caller's context (no grad, straight-through
+        gates...); ``ste`` as for :meth:`PathBatch.from_result`."""
+        paths = PathBatch.from_result(compute_path(self.model, images, pooled=False), ste)
+        if not self.profile.stability:
+            return paths
+        return with_companions(self.model, images, paths, self.profile.stability, ste)
 
     def score_paths(self, paths: PathBatch) -> PathScores:
         """The bundle's path -> features -> score step (:func:`detector.analysis.score_paths`);

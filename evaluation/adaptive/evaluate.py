@@ -21,7 +21,7 @@ from detector.features import PathBatch
 from evaluation.attacks import AttackSpec, Defence
 from evaluation.crafting import craft_set
 from evaluation.metrics import attack_metrics
-from evaluation.sets import Sets
+from evaluation.sets import Sets, extract_paths
 
 
 def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSpec], *,
@@ -46,8 +46,12 @@ def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSp
                                square_queries=square_queries, defence=defence)
             for s in specs}
 
+    for s in sets.values():  # the paths the bundle's features read (stability companions)
+        if s.paths is not None and bundle.profile.stability:
+            s.paths = extract_paths(bundle.model, s.x, stability=bundle.profile.stability)
+
     def scores(paths: PathBatch) -> np.ndarray:
-        return bundle.detector.positive_score(bundle.profile.transform(paths).numpy())
+        return bundle.score_paths(paths).scores.numpy()
 
     advs = {label: scores(s.paths) if s.paths is not None else np.empty(0)
             for label, s in sets.items()}

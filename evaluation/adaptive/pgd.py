@@ -28,8 +28,6 @@ import torch
 from torchattacks.attack import Attack
 
 from detector.bundle import Bundle
-from detector.features import PathBatch
-from detector.paths import compute_path
 from detector.straight_through import straight_through_gates
 from evaluation.adaptive.judge import evades, quantize_towards
 
@@ -114,8 +112,7 @@ def pgd_run(bundle: Bundle, surrogate: DetectorStandIn | None,
     for t in range(cfg.steps + 1):
         xa = xa.detach().requires_grad_(True)
         with straight_through_gates(cfg.ste):
-            result = compute_path(bundle.model, xa)
-        paths = PathBatch.from_result(result, ste=cfg.ste)
+            paths = bundle.record(xa, ste=cfg.ste)
         scored = bundle.score_paths(paths)  # the real verdict
         ok = evades(scored.predictions.numpy(), scored.flagged.numpy(), y[idx].numpy())
         if collect is not None:
@@ -129,7 +126,7 @@ def pgd_run(bundle: Bundle, surrogate: DetectorStandIn | None,
         keep = ~ok if stop_on_success else np.ones(len(idx), dtype=bool)
         if t == cfg.steps or not keep.any():
             break
-        cls_loss, wrong = attack_loss(result.logits, y[idx], cfg.kappa)
+        cls_loss, wrong = attack_loss(paths.logits, y[idx], cfg.kappa)
         loss = cls_loss
         if lam > 0 and surrogate is not None:
             stats = bundle.profile.layer_stats(paths, wrong.detach())

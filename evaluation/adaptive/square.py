@@ -15,8 +15,6 @@ import torch
 import torchattacks
 
 from detector.bundle import Bundle
-from detector.features import PathBatch
-from detector.paths import compute_path
 
 
 def detector_aware_margin(logits: torch.Tensor, y: torch.Tensor, scores: torch.Tensor,
@@ -60,8 +58,8 @@ class DetectorAwareSquare(torchattacks.Square):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1], y (B,) true labels -> margin and loss, both (B,)."""
         with torch.inference_mode():
-            result = compute_path(self.bundle.model, x)
-            scored = self.bundle.score_paths(PathBatch.from_result(result))
-        m = detector_aware_margin(result.logits, y, scored.scores,
+            paths = self.bundle.record(x)
+            scored = self.bundle.score_paths(paths)
+        m = detector_aware_margin(paths.logits, y, scored.scores,
                                   float(self.bundle.detector.threshold_))
         return m.clone(), m.clone()

@@ -17,6 +17,7 @@ from detector.analysis import score_paths
 from detector.bundle import Bundle, load_bundle
 from detector.features import PathBatch
 from detector.paths import compute_path
+from detector.stability import transformed
 from detector.straight_through import straight_through_gates
 from evaluation.adaptive.judge import judge, quantize_towards
 from evaluation.adaptive.pgd import DetectorAwarePGD, PGDConfig
@@ -77,17 +78,19 @@ def test_attack_path_scores_as_served_and_bpda_keeps_values(bundle, images) -> N
     """The attacker's differentiable path (BPDA gates, straight-through bits) gives exactly the
     served pipeline's predictions, features and scores."""
     x, _ = images
+    assert bundle.profile.stability  # the companion paths are part of the attacked path
     with torch.inference_mode():
-        plain = compute_path(bundle.model, x)
+        plain = bundle.record(x)
     xg = x.clone().requires_grad_(True)
     with straight_through_gates("semhash"):
-        result = compute_path(bundle.model, xg)
+        result = bundle.record(xg, ste="semhash")
     assert torch.equal(plain.logits, result.logits.detach())  # BPDA changes no forward value
-    for name, layer in plain.layers.items():
-        assert torch.equal(layer.bits, result.layers[name].bits)
-    attacked = score_paths(bundle.profile, bundle.detector,
-                           PathBatch.from_result(result, ste="semhash"))
-    served = score_paths(bundle.profile, bundle.detector, PathBatch.from_result(plain))
+    for a, b in [(plain, result), *((plain.companions[t], result.companions[t])
+                                    for t in bundle.profile.stability)]:
+        for name, bits in a.bits.items():
+            assert torch.equal(bits, b.bits[name].detach())
+    attacked = score_paths(bundle.profile, bundle.detector, result)
+    served = score_paths(bundle.profile, bundle.detector, plain)
     torch.testing.assert_close(attacked.features.detach(), served.features, rtol=0, atol=0)
     analysis = bundle.analyze(x)
     np.testing.assert_array_equal(attacked.predictions.numpy(), analysis.predictions)
@@ -109,13 +112,15 @@ def test_gradients_flow_through_gates_and_surrogate(bundle, images) -> None:
         xg = x.clone().requires_grad_(True)
         if bpda:
             with straight_through_gates("sigmoid"):
-                result = compute_path(bundle.model, xg)
-        else:
-            result = compute_path(bundle.model, xg)
-        paths = PathBatch.from_result(result, ste="sigmoid" if bpda else None)
-        if not bpda:  # the hard bits carry no gradient; the gate logits still do
-            paths = PathBatch(result.logits, paths.bits,
-                              {k: v.logits for k, v in result.layers.items()})
+                paths = bundle.record(xg, ste="sigmoid")
+        else:  # the hard bits carry no gradient; the gate logits (and logits) still do
+            def keep(result):
+                plain = PathBatch.from_result(result)
+                return PathBatch(result.logits, plain.bits,
+                                 {k: v.logits for k, v in result.layers.items()})
+            paths = keep(compute_path(bundle.model, xg)).with_companions(
+                {t: keep(compute_path(bundle.model, transformed(t, xg)))
+                 for t in bundle.profile.stability})
         score = surrogate(bundle.profile.transform(paths))
         (g,) = torch.autograd.grad(score.sum(), xg)
         return g
@@ -207,8 +212,8 @@ def test_shipped_score_is_the_real_verdict_with_a_gradient(bundle, logistic_bund
     x, y = images
     xg = x.clone().requires_grad_(True)
     with straight_through_gates("semhash"):
-        result = compute_path(logistic_bundle.model, xg)
-    scored = logistic_bundle.score_paths(PathBatch.from_result(result, ste="semhash"))
+        paths = logistic_bundle.record(xg, ste="semhash")
+    scored = logistic_bundle.score_paths(paths)
     score = shipped(scored.features)
     np.testing.assert_array_equal((score > 0).numpy(), logistic_bundle.analyze(x).flagged)
     (g,) = torch.autograd.grad(score.sum(), xg)
