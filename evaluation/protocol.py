@@ -14,14 +14,17 @@ thresholds come from :mod:`detector.threshold`, never tuned per attack.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from detector.checkpoint import load_class_heads
 from detector.estimator import PathDetector
-from detector.features import PathBatch, PathProfile
+from detector.features import PathBatch, PathProfile, fit_class_heads
 from evaluation.metrics import (
     attack_metrics,
     benign_change_metrics,
@@ -30,6 +33,8 @@ from evaluation.metrics import (
     worst_case_unseen_family,
 )
 from evaluation.sets import Sets
+
+log = logging.getLogger(__name__)
 
 
 def split_by_image(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +124,25 @@ def evaluate_scorer(score_images: Callable[[torch.Tensor], np.ndarray], threshol
     return {"clean_fpr": float((clean > threshold).mean()), "threshold": threshold,
             "attacks": attacks, "worst": worst_case(attacks),
             "worst_unseen_family": worst_case_unseen_family(attacks)}
+
+
+CLASS_HEADS = ("auto", "checkpoint", "fit", "none")
+
+
+def class_heads(choice: str, checkpoint: Path, paths: PathBatch, labels: torch.Tensor,
+                 num_classes: int) -> dict[str, Any] | None:
+    """The class heads of the profile, by ``choice`` (one of :data:`CLASS_HEADS`): the
+    decoupling's MI heads kept in ``checkpoint`` ("checkpoint"), logistic regressions fitted on
+    the clean profile ``paths`` with classes ``labels`` (N,) ("fit"), the kept ones if any else
+    fitted ("auto"), or None ("none"). ValueError if "checkpoint" finds none."""
+    if choice == "none":
+        return None
+    kept = load_class_heads(checkpoint) if choice in ("auto", "checkpoint") else None
+    if choice == "checkpoint" and kept is None:
+        raise ValueError(f"--class-heads checkpoint: {checkpoint} kept no class heads (decoupled "
+                         "before they were saved); use --class-heads fit")
+    if kept is not None:
+        log.info("class evidence from the decoupling's heads in %s", checkpoint)
+        return kept
+    log.info("class evidence from class heads fitted on %d clean profile paths", len(labels))
+    return fit_class_heads(paths, labels.numpy(), num_classes)

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 from detector.bundle import load_bundle, save_bundle
-from detector.checkpoint import load_checkpoint, load_class_heads
+from detector.checkpoint import load_checkpoint
 from detector.estimator import INNER_MODELS, PathDetector
-from detector.features import FEATURE_GROUPS, PathBatch, PathProfile, fit_class_heads
+from detector.features import FEATURE_GROUPS, PathProfile
 from detector.paths import network_macs
 from detector.stability import TRANSFORMS, check_transforms
 from evaluation.adaptive.evaluate import evaluate_adaptive
@@ -38,7 +38,13 @@ from evaluation.attacks import AttackSpec
 from evaluation.cost import detector_costs
 from evaluation.crafting import craft_sets
 from evaluation.metrics import worst_case, worst_case_unseen_family
-from evaluation.protocol import evaluate_variant, profile_ids, split_by_image
+from evaluation.protocol import (
+    CLASS_HEADS,
+    class_heads,
+    evaluate_variant,
+    profile_ids,
+    split_by_image,
+)
 from evaluation.report import markdown_report, plot_rocs
 from evaluation.sets import (
     Sets,
@@ -67,7 +73,6 @@ GREY_FIT = ("fgsm:0.1", "fgsm:0.2", "fgsm:0.3", "pgd:0.1", "pgd:0.2", "pgd:0.3")
 COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/255", "pgd:4/255",
               "pgd:8/255", "pgd:16/255")
 VARIANTS = ("logistic", "hist_gb", "random_forest", "logistic+raw", "hist_gb+raw")
-CLASS_HEADS = ("auto", "checkpoint", "fit", "none")
 #: How long a rank waits for the others under torchrun: rank 0 gathers the sets when the
 #: slowest rank is done, and one attack can take an hour on CIFAR-10.
 RANK_TIMEOUT = timedelta(hours=24)
@@ -232,7 +237,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         x_prof, y_prof = correct_subset(model, to_float(data.x_train[prof_ids]),
                                         data.y_train[prof_ids])
         prof_paths = extract_paths(model, x_prof)
-        heads = _class_heads(args.class_heads, checkpoint, prof_paths, y_prof, spec.num_classes)
+        heads = class_heads(args.class_heads, checkpoint, prof_paths, y_prof, spec.num_classes)
         profile = PathProfile.fit(prof_paths, y_prof.numpy(), spec.num_classes, heads=heads)
 
     if reused:
@@ -365,22 +370,6 @@ def _reuse(path: Path, model: torch.nn.Module, fit_specs: list[AttackSpec],
                              f"{sorted(sets.adversarial)}, not {[s.label for s in specs]}")
     log.info("reusing the adversarial sets of %s", path)
     return fit_sets, eval_sets
-
-
-def _class_heads(choice: str, checkpoint: Path, paths: PathBatch, labels: torch.Tensor,
-                 num_classes: int) -> dict[str, Any] | None:
-    """The class heads ``--class-heads`` asks for (see its help), or None."""
-    if choice == "none":
-        return None
-    kept = load_class_heads(checkpoint) if choice in ("auto", "checkpoint") else None
-    if choice == "checkpoint" and kept is None:
-        raise ValueError(f"--class-heads checkpoint: {checkpoint} kept no class heads (decoupled "
-                         "before they were saved); use --class-heads fit")
-    if kept is not None:
-        log.info("class evidence from the decoupling's heads in %s", checkpoint)
-        return kept
-    log.info("class evidence from class heads fitted on %d clean profile paths", len(labels))
-    return fit_class_heads(paths, labels.numpy(), num_classes)
 
 
 def _parse_variant(text: str) -> tuple[str, bool, tuple[str, ...]]:

@@ -1,10 +1,13 @@
 """The computation-path detector itself ("ours") in the baseline comparison: the run's
 :class:`~detector.estimator.PathDetector` refitted exactly as ``training.fit_detector`` fits it
-(:func:`evaluation.protocol.evaluate_variant`), so its numbers reproduce the run's."""
+(:func:`evaluation.protocol.evaluate_variant`) with the run's settings (class heads, stability
+transforms, raw features, noise and benign negatives), so its numbers reproduce the run's."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +15,10 @@ import torch
 
 from detector.estimator import PathDetector
 from detector.features import PathProfile
-from evaluation.detector_run import DetectorRun
-from evaluation.protocol import evaluate_variant
-from evaluation.sets import extract_paths
+from evaluation.detector_run import DetectorRun, resolve_path
+from evaluation.protocol import class_heads, evaluate_variant
+from evaluation.sets import attach_stability, extract_paths
+from evaluation.shifts import add_benign_negatives, add_noise_negatives
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +28,36 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
     """Profile from clean training images x_prof (N, C, H, W) in [0, 1] with classes y_prof
     (N,), the run's inner model and features; ``details`` records the largest AUROC difference
     to the run's own numbers (0 when the run is reproduced)."""
-    profile = PathProfile.fit(extract_paths(run.model, x_prof), y_prof.numpy(),
-                              run.spec.num_classes)
-    detector = PathDetector(model=run.config["detector"], target_fpr=run.target_fpr,
+    config = run.config
+    paths = extract_paths(run.model, x_prof)
+    checkpoint = Path(resolve_path(config["checkpoint"]))
+    heads = class_heads(config.get("class_heads", "none"), checkpoint, paths, y_prof,
+                        run.spec.num_classes)
+    stability = tuple(config.get("stability", ()))
+    profile = PathProfile.fit(paths, y_prof.numpy(), run.spec.num_classes,
+                              heads=heads).with_stability(stability)
+    fit, evaluation = replace(run.fit), replace(run.evaluation)  # the run's sets stay as read
+    if config.get("noise_negatives"):
+        add_noise_negatives(run.model, fit, seed=run.seed + 2)
+    if config.get("benign_negatives"):
+        add_benign_negatives(run.model, fit, seed=run.seed + 3)
+    if stability:
+        fit.adversarial = {k: replace(v) for k, v in fit.adversarial.items()}
+        evaluation.adversarial = {k: replace(v) for k, v in evaluation.adversarial.items()}
+        for sets in (fit, evaluation):
+            attach_stability(run.model, sets, stability)
+    detector = PathDetector(model=config["detector"], target_fpr=run.target_fpr,
                             random_state=run.seed)
-    res = evaluate_variant(detector, profile, bool(run.config["raw_features"]), run.fit,
-                           run.evaluation, {}, run.evaluation.y_clean.numpy(), run.fitted,
+    res = evaluate_variant(detector, profile, bool(config["raw_features"]), fit,
+                           evaluation, {}, evaluation.y_clean.numpy(), run.fitted,
                            seed=run.seed)
     out = {k: v for k, v in res.items() if k not in ("scores", "benign")}
     out["threshold"] = detector.threshold_
-    out["details"] = {"detector": run.config["detector"],
-                      "raw_features": bool(run.config["raw_features"]),
+    out["details"] = {"detector": config["detector"],
+                      "raw_features": bool(config["raw_features"]),
+                      "class_heads": config.get("class_heads", "none"),
+                      "stability": list(stability),
+                      "noise_negatives": bool(config.get("noise_negatives")),
                       "profile_images": len(y_prof)}
     name = run.config["detector"] + ("+raw" if run.config["raw_features"] else "")
     reference = run.metrics.get("variants", {}).get(name, {}).get("auroc")
