@@ -29,7 +29,8 @@ class Analysis:
         path (clean inputs: mean 0, std 1; larger is more unusual);
     layer_open: (N, L) open filters per layer; layer_filters: (L,) filters per layer;
     open_fraction: (N,) open share over all gated filters; flops_fraction: (N,) executed /
-        dense multiply-accumulates of the whole network;
+        dense multiply-accumulates of the network's pass on the image (the stability
+        transforms' extra passes, if the features use them, are not counted);
     path_bits: (N, sum of layer_filters) bool, the computation path itself: every gated
         filter's state, layer after layer in execution order (True = open);
     execution: how the network ran (see :data:`EXECUTIONS`).

@@ -43,8 +43,7 @@ from detector.manifest import (
     Manifest,
     OperatingPoint,
 )
-from detector.paths import compute_path
-from detector.stability import check_transforms, with_companions
+from detector.stability import check_transforms, record_paths
 
 #: Every type a detector file may contain; anything else is refused on load, including types
 #: that skops itself would trust by default (any other scikit-learn estimator, say).
@@ -141,10 +140,7 @@ class Bundle:
         own and, if the features compare them, those of the stability transforms
         (:mod:`detector.stability`). Runs in the caller's context (no grad, straight-through
         gates...); ``ste`` as for :meth:`PathBatch.from_result`."""
-        paths = PathBatch.from_result(compute_path(self.model, images, pooled=False), ste)
-        if not self.profile.stability:
-            return paths
-        return with_companions(self.model, images, paths, self.profile.stability, ste)
+        return record_paths(self.model, images, self.profile.stability, ste)
 
     def score_paths(self, paths: PathBatch) -> PathScores:
         """The bundle's path -> features -> score step (:func:`detector.analysis.score_paths`);
@@ -257,6 +253,12 @@ def _load_bundle(directory: Path) -> Bundle:
     except (KeyError, ValueError) as e:
         raise BundleError(f"{directory / PROFILE} does not fit the model's gated layers") from e
     detector = load_detector(directory / DETECTOR)
+    widths = {"the manifest": manifest.detector.n_features,
+              "the profile's features": len(profile.feature_names()),
+              "the detector": int(detector.n_features_in_)}
+    if len(set(widths.values())) != 1:
+        raise BundleError(f"{directory}: the feature width disagrees between "
+                          f"{', '.join(f'{k} ({v})' for k, v in widths.items())}")
     return Bundle(directory, manifest, spec, model, profile, detector)
 
 

@@ -262,6 +262,9 @@ class PathProfile:
                 k_var.append(gl.var(0, unbiased=False))
             var = torch.stack(k_var)
             floor = max(float(torch.quantile(var.flatten(), 0.5)) * 0.01, _EPS)  # numpy's median
+            if heads is not None and name not in heads:
+                raise ValueError(f"no class head for gated layer {name!r} (heads for "
+                                 f"{sorted(heads)})")
             head = None if heads is None else heads[name]
             weight, bias = head if isinstance(head, tuple) else (head, None)
             layers[name] = LayerProfile(torch.stack(k_freq), torch.stack(k_mean),
@@ -449,6 +452,8 @@ def fit_class_heads(paths: PathBatch, labels: ArrayLike, num_classes: int, *,
     from sklearn.linear_model import LogisticRegression
 
     y = _tensor(labels).long().numpy()
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got {y.min()}..{y.max()}")
     heads = {}
     for name, bits in paths.bits.items():
         x = bits.detach().to(torch.float64).numpy()

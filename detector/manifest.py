@@ -22,6 +22,13 @@ PROFILE = "profile.safetensors"
 DETECTOR = "detector.skops"
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    """A JSON list of strings as a tuple (ValueError for anything else)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """The detector's decision rule.
@@ -51,8 +58,7 @@ class OperatingPoint:
                    clean_fpr=None if clean_fpr is None else float(clean_fpr),
                    include_raw_features=bool(data.get("include_raw_features", False)),
                    n_features=int(data["n_features"]),
-                   stability_transforms=tuple(str(t) for t in
-                                              data.get("stability_transforms", ())))
+                   stability_transforms=_names(data.get("stability_transforms", [])))
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "threshold": self.threshold, "target_fpr": self.target_fpr,

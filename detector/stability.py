@@ -30,8 +30,17 @@ from detector.features import PathBatch
 from detector.paths import compute_path
 
 
+def translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """x moved ``dx`` pixels right and ``dy`` down (negative: left / up), the edge rows and
+    columns repeated into the space left behind; |dx|, |dy| < the image size."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top:top + h, left:left + w]
+
+
 def _shift(x: torch.Tensor) -> torch.Tensor:
-    return F.pad(x, (1, 0, 1, 0), mode="replicate")[..., :-1, :-1]
+    return translate(x, 1, 1)
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -50,18 +59,23 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def check_transforms(names: Sequence[str]) -> tuple[str, ...]:
-    """``names`` as a tuple, each a key of :data:`TRANSFORMS` (ValueError naming others)."""
+    """``names`` as a tuple, each a key of :data:`TRANSFORMS` and none twice (ValueError naming
+    the others)."""
+    if isinstance(names, str):
+        raise ValueError(f"stability transforms must be a list of names, got {names!r}")
     unknown = [n for n in names if n not in TRANSFORMS]
     if unknown:
         raise ValueError(f"unknown stability transforms {unknown}; choose from "
                          f"{', '.join(TRANSFORMS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"stability transforms given twice: {list(names)}")
     return tuple(names)
 
 
 def transformed(name: str, images: torch.Tensor) -> torch.Tensor:
     """images (N, C, H, W) in [0, 1] -> the same shape in [0, 1], changed by transform
-    ``name``."""
-    return TRANSFORMS[name](images)
+    ``name`` (ValueError naming an unknown one)."""
+    return TRANSFORMS[check_transforms([name])[0]](images)
 
 
 def with_companions(model: nn.Module, images: torch.Tensor, paths: PathBatch,
@@ -76,3 +90,13 @@ def with_companions(model: nn.Module, images: torch.Tensor, paths: PathBatch,
         compute_path(model, transformed(name, images), pooled=False), ste)
         for name in check_transforms(names)}
     return paths.with_companions(companions)
+
+
+def record_paths(model: nn.Module, images: torch.Tensor, stability: Sequence[str] = (),
+                 ste: str | None = None) -> PathBatch:
+    """images (N, C, H, W) in [0, 1] -> their paths (``pooled=False``), with the companions of
+    the ``stability`` transforms when there are any: what path features read. Runs in the
+    caller's context (no grad, sparse execution, straight-through gates); ``ste`` as for
+    :meth:`PathBatch.from_result`."""
+    paths = PathBatch.from_result(compute_path(model, images, pooled=False), ste)
+    return with_companions(model, images, paths, stability, ste) if stability else paths

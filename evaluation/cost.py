@@ -23,9 +23,8 @@ from detector.analysis import score_paths
 from detector.differentiable import torch_detector
 from detector.estimator import PathDetector
 from detector.execution import median_times_ms
-from detector.features import PathBatch, PathProfile
-from detector.paths import compute_path
-from detector.stability import with_companions
+from detector.features import PathProfile
+from detector.stability import record_paths, with_companions
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,7 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
         index = [torch.tensor(i) for i in range(len(singles))]
         with torch.inference_mode():
             stability = sorted({t for profile, _ in detectors.values() for t in profile.stability})
-            paths = [with_companions(model, x, PathBatch.from_result(compute_path(model, x)),
-                                     stability) for x in singles]
+            paths = [record_paths(model, x, stability) for x in singles]
             exported = {name: torch_detector(det) for name, (_, det) in detectors.items()}
             runs = {"network": lambda i: model(singles[int(i)])}
             runs |= {f"stability:{t}": (lambda i, t=t: with_companions(

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from detector.features import PathBatch
-from detector.paths import compute_path
-from detector.stability import with_companions
+from detector.stability import record_paths
 
 
 def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
@@ -25,12 +24,9 @@ def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
     """Paths of x: (N, C, H, W) in [0, 1], in eval mode, without gradients; with the companion
     paths of the ``stability`` transforms (:mod:`detector.stability`) attached."""
     model.eval()
-    parts = []
     with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            paths = PathBatch.from_result(compute_path(model, xb, pooled=False))
-            parts.append(with_companions(model, xb, paths, stability) if stability else paths)
+        parts = [record_paths(model, x[i:i + batch_size], stability)
+                 for i in range(0, len(x), batch_size)]
     return PathBatch.concat(parts)
 
 

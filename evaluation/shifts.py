@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from detector.features import PathBatch
+from detector.stability import translate
 from evaluation.sets import AdvSet, Sets, extract_paths, predict
 
 #: Gaussian-noise sigmas of the evaluated changes, grey and colour images.
@@ -60,15 +61,6 @@ def contrast(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
         mean = x.mean((1, 2, 3), keepdim=True)
     f = _per_image(factor, len(x))
     return (f * x + (1 - f) * mean).clamp(0, 1)
-
-
-def translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """x moved ``dx`` pixels right and ``dy`` down (negative: left / up), the edge rows and
-    columns repeated into the space left behind; |dx|, |dy| < the image size."""
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
-    top, left = max(-dy, 0), max(-dx, 0)
-    return padded[..., top:top + h, left:left + w]
 
 
 def rotate(x: torch.Tensor, degrees: float | torch.Tensor) -> torch.Tensor:
@@ -185,7 +177,8 @@ def noisy_like(x_clean: torch.Tensor, x_adv: torch.Tensor, seed: int) -> torch.T
 
     x_clean, x_adv: (N, C, H, W) in [0, 1], row i of x_adv made from row i of x_clean. Gaussian
     noise is scaled to ||x_adv - x_clean||_2 per image and the result clipped to [0, 1] (the
-    "noisy" negatives of Ma et al. 2018 and Lee et al. 2018).
+    "noisy" negatives of Ma et al. 2018; Lee et al.'s fixed-size noise is in
+    :mod:`evaluation.baselines.fit_side`).
     """
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x_clean.shape, generator=g)

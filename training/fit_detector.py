@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector variants to compare in the report: inner model with optional "
                         "'+raw' and any '-GROUP' to leave a feature group out (groups: "
                         f"{', '.join(FEATURE_GROUPS)}), e.g. random_forest-class_evidence "
-                        "(default: %(default)s); pass none to skip")
+                        "(default: %(default)s); give the flag alone to compare none")
     d.add_argument("--ablation", action="store_true",
                    help="also compare the bundled detector with each feature group left out")
     p.add_argument("--out", type=Path, default=None,
@@ -278,6 +278,11 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     bundled = None
     fitted_variants: dict[str, tuple[PathProfile, PathDetector]] = {}
     for name, raw, without in dict.fromkeys([main_variant, *variants]):
+        missing = sorted(set(without) - set(profile.groups))
+        if missing:
+            raise ValueError(f"variant {_variant_name(name, raw, without)!r} leaves out feature "
+                             f"groups {missing} that this profile does not have "
+                             f"({', '.join(profile.groups)})")
         groups = tuple(g for g in profile.groups if g not in without)
         if not groups and not raw:
             raise ValueError(f"variant {_variant_name(name, raw, without)!r} leaves no features")

@@ -170,6 +170,20 @@ def test_manifest_without_a_hash_is_refused(copy):
         load_bundle(copy)
 
 
+@pytest.mark.parametrize(("transforms", "message"), [
+    (["shift"], r"feature width disagrees between the manifest \(\d+\), the profile's "
+                r"features \(\d+\), the detector \(\d+\)"),
+    (["rotate"], "unknown stability transforms"),
+    ("shift", "expected a list of names"),
+])
+def test_manifest_feature_settings_must_fit_the_detector(copy, transforms, message):
+    """The manifest is not hashed: edited stability transforms are refused at load time, not
+    by the first request."""
+    edit_manifest(copy, lambda m: m["detector"].update(stability_transforms=transforms))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(copy)
+
+
 def test_newer_format_version_is_refused(copy):
     edit_manifest(copy, lambda m: m.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(BundleError, match=f"format version {FORMAT_VERSION + 1}, newer"):

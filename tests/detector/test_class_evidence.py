@@ -151,3 +151,10 @@ def test_class_evidence_is_differentiable_through_straight_through_bits(profile,
     stats = profile.layer_stats(ste, np.array([0, 1, 2]))
     (stats["head_p"].sum() + stats["head_kl"].sum()).backward()
     assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gate_logits.values())
+
+
+def test_missing_heads_and_bad_labels_are_named(paths):
+    with pytest.raises(ValueError, match="no class head for gated layer 'b'"):
+        PathProfile.fit(paths, np.array([0, 1, 2]), num_classes=3, heads={"a": HEAD_A})
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        fit_class_heads(paths, np.array([0, 1, 3]), num_classes=3)

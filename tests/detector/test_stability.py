@@ -1,5 +1,5 @@
-"""Path stability: the transforms, companion paths, the stability features (by hand), and a
-bundle that carries them end to end."""
+"""Path stability: the transforms, companion paths and the stability features (by hand); a
+bundle that carries them end to end is tests/training/test_fit_detector.py's."""
 
 import numpy as np
 import pytest
@@ -34,9 +34,13 @@ def test_blur_keeps_constant_images_and_bits5_rounds_straight_through():
     torch.testing.assert_close(x.grad, torch.ones_like(x))
 
 
-def test_unknown_transform_is_named():
+def test_unknown_or_repeated_transforms_are_named():
     with pytest.raises(ValueError, match="'rotate'"):
         check_transforms(["shift", "rotate"])
+    with pytest.raises(ValueError, match="given twice"):
+        check_transforms(["shift", "shift"])
+    with pytest.raises(ValueError, match="'rotate'"):
+        transformed("rotate", torch.rand(1, 1, 4, 4))
 
 
 def _paths(logits, a, b):

@@ -130,6 +130,18 @@ def test_stability_features_on_by_default_and_off_on_request(run, tiny_decoupled
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["stability"] == []
 
 
+def test_variant_leaving_out_a_missing_group_is_refused(run, tiny_decoupled_checkpoint, tmp_path,
+                                                         capsys):
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    args = tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks", "--class-heads",
+                     "none")
+    args[args.index("--compare") + 1] = "logistic-class_evidence"
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(args)
+    assert e.value.code == 2
+    assert "['class_evidence'] that this profile does not have" in capsys.readouterr().err
+
+
 def test_class_heads_checkpoint_needs_kept_heads(run, tiny_decoupled_checkpoint, tmp_path,
                                                  capsys):
     (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
