@@ -19,7 +19,6 @@ alone with the real detector as a stopping oracle (what selection alone buys).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from torchattacks.attack import Attack
 from detector.bundle import Bundle
 from detector.straight_through import straight_through_gates
 from evaluation.adaptive.judge import evades, quantize_towards
+from evaluation.adaptive.objectives import class_margin
 
 #: A differentiable detector stand-in: (B, F) path features -> (B,) score, > 0 meaning
 #: "flagged" (:class:`evaluation.adaptive.surrogate.Surrogate` or
@@ -77,11 +77,8 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Untargeted CW margin loss. logits (B, K), y (B,) true classes ->
     (B,) ``relu(logit_y - max_{j != y} logit_j + kappa)`` and (B,) the best wrong class."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(),
-                               -math.inf)
-    best, cls = other.max(1)
-    return torch.relu(true - best + kappa), cls
+    margin, cls = class_margin(logits, y)
+    return torch.relu(margin + kappa), cls
 
 
 def pgd_run(bundle: Bundle, surrogate: DetectorStandIn | None,

@@ -9,12 +9,11 @@ objective is <= 0: misclassified and not flagged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torchattacks
 
 from detector.bundle import Bundle
+from evaluation.adaptive.objectives import class_margin, score_gap
 
 
 def detector_aware_margin(logits: torch.Tensor, y: torch.Tensor, scores: torch.Tensor,
@@ -25,13 +24,8 @@ def detector_aware_margin(logits: torch.Tensor, y: torch.Tensor, scores: torch.T
     Not flagged: the class margin ``logit_y - max_{j != y} logit_j``; flagged:
     ``max(margin, 0) + logit(score) - logit(threshold)`` (> 0), continuous at both borders.
     """
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(),
-                               -math.inf)
-    margin = true - other.max(1).values
-    s = scores.to(logits.dtype).clamp(1e-7, 1 - 1e-7)
-    t = min(max(threshold, 1e-7), 1 - 1e-7)
-    gap = (torch.log(s) - torch.log1p(-s)) - (math.log(t) - math.log1p(-t))
+    margin = class_margin(logits, y)[0]
+    gap = score_gap(scores, threshold).to(logits.dtype)
     flagged = scores > threshold
     return torch.where(flagged, margin.clamp_min(0) + gap.clamp_min(1e-6), margin)
 

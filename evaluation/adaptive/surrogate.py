@@ -17,7 +17,6 @@ judged by the real pipeline, never by the surrogate.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 
 from detector.bundle import Bundle
 from detector.differentiable import TorchDetector
+from evaluation.adaptive.objectives import score_gap
 from evaluation.adaptive.pgd import Iterates, PGDConfig, pgd_run
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class ShippedScore(nn.Module):
     def __init__(self, exported: TorchDetector, threshold: float) -> None:
         super().__init__()
         self.exported = exported
-        t = min(max(threshold, 1e-12), 1 - 1e-12)
-        self.offset = math.log(t) - math.log1p(-t)
+        self.threshold = threshold
 
     @classmethod
     def of(cls, bundle: Bundle) -> ShippedScore | None:
@@ -87,8 +86,7 @@ class ShippedScore(nn.Module):
         return cls(bundle.exported, float(bundle.detector.threshold_))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        p = self.exported(features).clamp(1e-12, 1 - 1e-12)
-        return torch.log(p) - torch.log1p(-p) - self.offset
+        return score_gap(self.exported(features), self.threshold)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from detector.paths import compute_path
 from detector.stability import transformed
 from detector.straight_through import straight_through_gates
 from evaluation.adaptive.judge import judge, quantize_towards
+from evaluation.adaptive.objectives import class_margin, score_gap
 from evaluation.adaptive.pgd import DetectorAwarePGD, PGDConfig
 from evaluation.adaptive.square import detector_aware_margin
 from evaluation.adaptive.surrogate import ShippedScore, fit_attack_surrogate
@@ -288,3 +289,15 @@ def test_bad_values_exit_2(bundle_dir) -> None:
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2
     assert "--eps" in done.stderr
+
+
+def test_objectives_by_hand() -> None:
+    margin, best = class_margin(torch.tensor([[2.0, 0.5, 1.0], [0.0, 3.0, 1.0]]),
+                                torch.tensor([0, 2]))
+    torch.testing.assert_close(margin, torch.tensor([1.0, -2.0]))
+    torch.testing.assert_close(best, torch.tensor([2, 1]))
+    gap = score_gap(torch.tensor([0.2, 0.5, 0.9, 0.0, 1.0]), 0.5)
+    assert gap.dtype == torch.float64
+    torch.testing.assert_close(gap[:3], torch.tensor([math.log(0.25), 0.0, math.log(9.0)],
+                                                     dtype=torch.float64))
+    assert gap[3] < -20 and gap[4] > 20  # clamped, finite
