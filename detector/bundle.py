@@ -148,6 +148,13 @@ class Bundle:
         return score_paths(self.profile, self.detector, paths, self.exported)
 
 
+def format_version(profile: PathProfile) -> int:
+    """The oldest manifest format that describes ``profile``'s features (see
+    :data:`detector.manifest.FORMAT_VERSION`), so that older readers keep loading the bundles
+    they can score."""
+    return FORMAT_VERSION if profile.has_heads or profile.stability else 1
+
+
 def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec,
                 profile: PathProfile, detector: PathDetector, network_macs: int,
                 metrics: dict[str, Any] | None = None) -> Path:
@@ -161,7 +168,7 @@ def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec
     sio.dump(detector, directory / DETECTOR, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
     layers = gated_layers(model)
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=format_version(profile),
         name=name,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=spec,

@@ -87,7 +87,8 @@ def test_bundle_layout_and_manifest(bundle_dir, parts):
     model, _, _, detector, _ = parts
     assert {p.name for p in bundle_dir.iterdir()} == {MANIFEST, WEIGHTS, PROFILE, DETECTOR}
     m = json.loads((bundle_dir / MANIFEST).read_text())
-    assert m["format_version"] == FORMAT_VERSION and m["name"] == "tiny-digits"
+    # no class heads, no stability: the format an older reader understands
+    assert m["format_version"] == 1 and m["name"] == "tiny-digits"
     assert m["input_shape"] == [1, 8, 8] and len(m["classes"]) == 10
     assert m["gated_layers"] == {k: g.conv.out_channels for k, g in gated_layers(model).items()}
     assert m["detector"]["threshold"] == detector.threshold_

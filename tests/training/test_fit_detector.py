@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from detector.bundle import load_bundle
+from detector.manifest import FORMAT_VERSION
 from training import fit_detector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +118,7 @@ def test_stability_features_on_by_default_and_off_on_request(run, tiny_decoupled
                                                               tmp_path):
     bundle = load_bundle(run / "bundle")
     assert bundle.manifest.detector.stability_transforms == ("shift", "blur", "bits5")
+    assert bundle.manifest.format_version == FORMAT_VERSION == 2
     names = bundle.profile.feature_names()
     assert "stab_prob_l1[blur]" in names and bundle.detector.n_features_in_ == len(names)
     images = torch.rand(2, *bundle.spec.input_shape)
