@@ -1,6 +1,6 @@
 """One scoring pipeline: on the committed bundles, the same image gets the same adversarial
 score through the server, through ``Bundle.analyze`` and through the attacker's differentiable
-path (straight-through gates and bits, :func:`detector.analysis.score_paths`)."""
+path (straight-through gates and bits: :meth:`Bundle.record` and :meth:`Bundle.score_paths`)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from detector.analysis import score_paths
 from detector.bundle import load_bundle
-from detector.features import PathBatch
-from detector.paths import compute_path
 from detector.straight_through import straight_through_gates
 from service.app import create_app
 from service.config import Settings
@@ -47,10 +44,8 @@ def test_server_analyze_and_attack_path_give_one_score(bundle_dir: Path) -> None
 
     analysis = bundle.analyze(x, execution="masked")
     xg = x.clone().requires_grad_(True)
-    with straight_through_gates("sigmoid"):
-        result = compute_path(bundle.model, xg)
-    attacked = score_paths(bundle.profile, bundle.detector,
-                           PathBatch.from_result(result, ste="sigmoid"))
+    with straight_through_gates("sigmoid"):  # with the stability companions if any
+        attacked = bundle.score_paths(bundle.record(xg, ste="sigmoid"))
     np.testing.assert_array_equal(attacked.predictions.numpy(), analysis.predictions)
     np.testing.assert_allclose(attacked.scores.numpy(), analysis.scores, rtol=0, atol=1e-5)
 
