@@ -61,8 +61,11 @@ def test_two_ranks_craft_the_single_process_sets(tiny_decoupled_checkpoint, tmp_
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text())
               for d in ("single", "ddp"))
     assert m2["config"].pop("processes") == 2 and m1["config"].pop("processes") == 1
-    for m in (m1, m2):
+    for m in (m1, m2):  # wall-clock measurements differ from run to run
         del m["seconds"]
+        for variant in m["variants"].values():
+            for key in ("score_us", "network_us", "stability_us", "score_ratio", "size_bytes"):
+                del variant[key]
     assert m2 == m1
     assert {p.name for p in (tmp_path / "ddp").iterdir()} == \
         {p.name for p in (tmp_path / "single").iterdir()}
