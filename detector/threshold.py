@@ -40,6 +40,21 @@ def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float) -> tuple[float
     return threshold, float((clean_scores > threshold).mean())
 
 
+def held_out(clean: np.ndarray, groups: np.ndarray | None, fraction: float,
+             random_state: int | None) -> np.ndarray:
+    """The clean samples held out to set a threshold: a share ``fraction`` in (0, 1) of the
+    indices ``clean`` (of their groups, if ``groups`` gives every sample's group), drawn with
+    ``random_state``. Returns a subset of ``clean``; the rule every thresholded detector of
+    the project (and the baselines that calibrate on the rest) holds out by."""
+    if groups is None:
+        _, hold = next(ShuffleSplit(1, test_size=fraction, random_state=random_state)
+                       .split(clean))
+    else:
+        _, hold = next(GroupShuffleSplit(1, test_size=fraction, random_state=random_state)
+                       .split(clean, groups=np.asarray(groups)[clean]))
+    return clean[hold]
+
+
 def is_callable_scorer(scorer: Any) -> bool:
     """True for a plain function X -> (N,) scores (not an estimator with ``fit``)."""
     return callable(scorer) and not hasattr(scorer, "fit")
@@ -191,23 +206,16 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
         if len(clean) < 4 or positive.sum() < 2:
             raise ValueError(f"need at least 4 clean and 2 adversarial samples, got "
                              f"{len(clean)} and {int(positive.sum())}")
-        if groups is None:
-            split = ShuffleSplit(1, test_size=self.threshold_fraction,
-                                 random_state=self.random_state)
-            _, hold = next(split.split(clean))
-            hold_idx = clean[hold]
-            fit_mask = np.ones(len(positive), dtype=bool)
-            fit_mask[hold_idx] = False
-        else:
+        if groups is not None:
             groups = np.asarray(groups)
             if len(groups) != len(positive):
                 raise ValueError(f"groups has {len(groups)} entries for {len(positive)} samples")
-            split = GroupShuffleSplit(1, test_size=self.threshold_fraction,
-                                      random_state=self.random_state)
-            _, hold = next(split.split(clean, groups=groups[clean]))
-            held_groups = np.unique(groups[clean[hold]])
-            hold_idx = clean[hold]
-            fit_mask = ~np.isin(groups, held_groups)  # drop their adversarial versions too
+        hold_idx = held_out(clean, groups, self.threshold_fraction, self.random_state)
+        if groups is None:
+            fit_mask = np.ones(len(positive), dtype=bool)
+            fit_mask[hold_idx] = False
+        else:  # drop the held-out groups' adversarial versions too
+            fit_mask = ~np.isin(groups, np.unique(groups[hold_idx]))
         return np.flatnonzero(fit_mask), hold_idx
 
     def _checked(self, X: Any) -> Any:

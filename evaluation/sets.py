@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from detector.features import PathBatch
-from detector.stability import record_paths
+from detector.stability import record_paths, transformed
 
 
 def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
@@ -32,12 +32,23 @@ def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
 
 def attach_stability(model: nn.Module, sets: Sets, stability: Sequence[str],
                      batch_size: int = 256) -> None:
-    """Attach the companion paths of the ``stability`` transforms to every path batch of
-    ``sets`` (clean, adversarial, benign), computed from their images."""
-    sets.clean_paths = extract_paths(model, sets.x_clean, batch_size, stability)
+    """Attach the companion paths of the ``stability`` transforms (:mod:`detector.stability`)
+    to every path batch of ``sets`` (clean, adversarial, benign) that has none yet, computed
+    from their images; the sets' own paths are kept, not recomputed."""
+    sets.clean_paths = paths_with_companions(model, sets.x_clean, sets.clean_paths, stability,
+                                      batch_size)
     for s in [*sets.adversarial.values(), *([sets.benign] if sets.benign else [])]:
         if s.paths is not None:
-            s.paths = extract_paths(model, s.x, batch_size, stability)
+            s.paths = paths_with_companions(model, s.x, s.paths, stability, batch_size)
+
+
+def paths_with_companions(model: nn.Module, x: torch.Tensor, paths: PathBatch,
+                   stability: Sequence[str], batch_size: int = 256) -> PathBatch:
+    """``paths`` (of x: (N, C, H, W) in [0, 1]) with the companions of the ``stability``
+    transforms they lack: one pass of each transformed copy of x, in batches."""
+    missing = [t for t in stability if t not in paths.companions]
+    return paths.with_companions(
+        {t: extract_paths(model, transformed(t, x), batch_size) for t in missing})
 
 
 @torch.no_grad()

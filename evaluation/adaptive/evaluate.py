@@ -21,7 +21,7 @@ from detector.features import PathBatch
 from evaluation.attacks import AttackSpec, Defence
 from evaluation.crafting import craft_set
 from evaluation.metrics import attack_metrics
-from evaluation.sets import Sets, extract_paths
+from evaluation.sets import Sets, paths_with_companions
 
 
 def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSpec], *,
@@ -47,8 +47,8 @@ def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSp
             for s in specs}
 
     for s in sets.values():  # the paths the bundle's features read (stability companions)
-        if s.paths is not None and bundle.profile.stability:
-            s.paths = extract_paths(bundle.model, s.x, stability=bundle.profile.stability)
+        if s.paths is not None:
+            s.paths = paths_with_companions(bundle.model, s.x, s.paths, bundle.profile.stability)
 
     def scores(paths: PathBatch) -> np.ndarray:
         return bundle.score_paths(paths).scores.numpy()

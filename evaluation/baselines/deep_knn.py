@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import GroupShuffleSplit
 
-from detector.threshold import FPRThresholdClassifier
+from detector.threshold import FPRThresholdClassifier, held_out
 from evaluation.baselines.activations import LOGITS, PENULTIMATE, collect, encoder
 from evaluation.detector_run import DetectorRun
 from evaluation.protocol import evaluate_scorer
@@ -134,10 +133,11 @@ def fit_and_evaluate(run: DetectorRun, x_train: torch.Tensor, y_train: torch.Ten
     dknn = DeepKNN(k=k).fit(collect(encode, x_train), y_train, run.spec.num_classes)
     fit = run.fit
     n = len(fit.y_clean)
-    # The held-out clean images of every other baseline: FPRThresholdClassifier's grouped split
-    # of the clean fitting images (one group each) with the same fraction and seed.
-    split = GroupShuffleSplit(1, test_size=THRESHOLD_FRACTION, random_state=run.seed)
-    calibration, held_out = next(split.split(np.arange(n), groups=np.arange(n)))
+    # The held-out clean images of every other baseline: FPRThresholdClassifier's rule on the
+    # clean fitting images (one group each) with the same fraction and seed.
+    images = np.arange(n)
+    held = held_out(images, images, THRESHOLD_FRACTION, run.seed)
+    calibration = np.setdiff1d(images, held)
     dknn.calibrate(collect(encode, fit.x_clean[calibration]), fit.y_clean[calibration])
 
     def score_images(x: torch.Tensor) -> np.ndarray:
@@ -146,8 +146,8 @@ def fit_and_evaluate(run: DetectorRun, x_train: torch.Tensor, y_train: torch.Ten
     # A callable scorer is only thresholded: on the clean images given, not the adversarial.
     x_adv = torch.cat([s.x for s in fit.adversarial.values()])
     threshold = FPRThresholdClassifier(score_images, target_fpr=run.target_fpr).fit(
-        torch.cat([fit.x_clean[held_out], x_adv]),
-        np.r_[np.zeros(len(held_out)), np.ones(len(x_adv))])
+        torch.cat([fit.x_clean[held], x_adv]),
+        np.r_[np.zeros(len(held)), np.ones(len(x_adv))])
     out = evaluate_scorer(score_images, threshold.threshold_, run.evaluation, run.fitted,
                           run.seed)
     out["details"] = {"layers": names, "k": k, "train_images": len(y_train),
