@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -24,6 +25,31 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
                    help="let torchvision download mnist/cifar10 into --data-dir")
     g.add_argument("--image-size", type=int, default=64,
                    help="side length ImageFolder images are resized to (default: %(default)s)")
+
+
+def add_adversarial_args(p: argparse.ArgumentParser) -> None:
+    """--adversarial-eps and --adversarial-check (fast adversarial training,
+    :mod:`training.adversarial`)."""
+    g = p.add_argument_group("adversarial training (Wong et al. 2020: FGSM from a random start)")
+    g.add_argument("--adversarial-eps", type=pixel_budget, default=None, metavar="EPS",
+                   help="train on FGSM examples from a random start in the L-inf ball of this "
+                        "radius (pixel units, e.g. 8/255), step 1.25 eps, instead of clean "
+                        "images (one more forward and backward pass per batch; default: off)")
+    g.add_argument("--adversarial-check", type=positive(int), default=500, metavar="N",
+                   help="after every epoch, PGD-10 accuracy at that eps on the first N test "
+                        "images, to catch catastrophic overfitting (monitoring only, nothing is "
+                        "selected on it; default: %(default)s)")
+
+
+def pixel_budget(text: str) -> float:
+    """argparse type: an L-inf budget in (0, 1], as ``0.03`` or ``8/255``."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
 
 
 def add_runtime_args(p: argparse.ArgumentParser, device: bool = True) -> None:

@@ -44,6 +44,7 @@ def fit(
     precision: str = "fp32",
     recipe: Recipe = ONE_CYCLE,
     before_epoch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """SGD with Nesterov momentum, a learning-rate schedule and augmentation set by ``recipe``.
 
@@ -55,7 +56,9 @@ def fit(
     ``precision="bf16"`` runs ``loss_step`` under bfloat16 autocast (weights and optimiser stay
     float32): about 3.7x faster on CPUs with AMX/AVX-512 BF16, slower on CPUs without them.
     ``augment=True`` applies the recipe's augmentation. ``before_epoch(epoch)`` runs before each
-    epoch (e.g. to freeze a parameter). With the recipe's lookahead, the returned model holds the
+    epoch (e.g. to freeze a parameter); ``after_epoch(epoch)`` runs after it (the model in train
+    mode, on rank 0 alone under torchrun) and returns measurements (e.g. robust accuracy) that
+    join that epoch's entry. With the recipe's lookahead, the returned model holds the
     averaged weights. Returns mean loss terms per epoch (the loss curve).
 
     Under torchrun (a process group, :mod:`training.distributed`) every rank runs this with the
@@ -121,6 +124,8 @@ def fit(
         if replica is not None:  # the whole global batch's means, as one process reports
             sums = replica.sum_over_ranks(sums)
         history.append({k: v / len(y) for k, v in sums.items()})
+        if after_epoch is not None and (replica is None or replica.rank.main):
+            history[-1].update(after_epoch(epoch))
         log.info("%s epoch %d: %s", desc, epoch + 1, history[-1])
     bar.close()
     if replica is not None:

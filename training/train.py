@@ -21,7 +21,9 @@ from torch import nn
 from detector.airbench import AirbenchNet, init_whitening
 from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from detector.paths import network_macs
+from training.adversarial import AdversarialTraining, pgd_accuracy
 from training.cli import (
+    add_adversarial_args,
     add_data_args,
     add_runtime_args,
     check_arch,
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "data sets)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<dataset>/base)")
+    add_adversarial_args(p)
     add_runtime_args(p)
     return p
 
@@ -119,7 +122,10 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
         "processes": 1 if rank is None else rank.world,
+        "adversarial_eps": args.adversarial_eps,
     }
+    adversarial = (None if args.adversarial_eps is None else AdversarialTraining.on_test_images(
+        args.adversarial_eps, data.x_test, data.y_test, args.adversarial_check))
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
     model = init if init is not None else spec.build()
     if isinstance(model, AirbenchNet) and init is None:
@@ -130,6 +136,8 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
              len(data.y_train), len(data.y_test))
 
     def step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+        if adversarial is not None:
+            xb = adversarial.inputs(net, xb, yb)
         return {"total": F.cross_entropy(net(xb), yb, label_smoothing=recipe.label_smoothing)}
 
     start = time.perf_counter()
@@ -139,7 +147,8 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
                   weight_decay=config["weight_decay"], augment=config["augment"],
                   seed=args.seed, desc=f"train {arch}", precision=args.precision,
                   recipe=recipe,
-                  before_epoch=whiten_bias_schedule(model, WHITEN_BIAS_EPOCHS))
+                  before_epoch=whiten_bias_schedule(model, WHITEN_BIAS_EPOCHS),
+                  after_epoch=None if adversarial is None else adversarial.monitor(model))
     seconds = time.perf_counter() - start
     if rank is not None and not rank.main:
         return
@@ -148,6 +157,10 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "train_seconds": seconds, "loss_curve": [h["total"] for h in history],
+        **({} if adversarial is None else {
+            "pgd_accuracy_curve": [h["pgd_accuracy"] for h in history],
+            "pgd_test_accuracy": pgd_accuracy(model, adversarial.x_check, adversarial.y_check,
+                                              adversarial.attack.eps)}),
         "dense_macs_per_input": network_macs(model, data.input_shape),
     }
     if init_test is not None:
