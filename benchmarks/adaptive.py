@@ -69,6 +69,7 @@ from evaluation.adaptive.surrogate import (
     Surrogate,
     fit_attack_surrogate,
 )
+from training.cli import pixel_budget, positive
 from training.data import load_dataset, to_float
 
 
@@ -91,13 +92,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     surrogate: Surrogate | ShippedScore | None = None
     history: list[dict[str, Any]] = []
     sur_ids = np.zeros(0, dtype=np.int64)
-    if args.surrogate == "shipped":
+    if args.surrogate in ("shipped", "auto"):
         surrogate = ShippedScore.of(bundle)
-        if surrogate is None:
+        if surrogate is None and args.surrogate == "auto":
+            args.surrogate = "mlp"
+        elif surrogate is None:
             raise ValueError(f"--surrogate shipped: the bundle's {bundle.detector.model} detector "
                              "has no exact torch version (only logistic and mlp have); fit a "
                              "stand-in with --surrogate mlp")
-    elif any(lam > 0 for lam in args.lambdas):
+    if surrogate is None and any(lam > 0 for lam in args.lambdas):
         t0 = time.perf_counter()
         xs, ys, sur_ids = select_images(bundle, x_test, data.y_test, args.surrogate_images,
                                         side="fit", split_seed=args.split_seed,
@@ -110,7 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clean = bundle.analyze(x) if len(y) else None
     n_bb = len(y) if args.n_blackbox is None else min(args.n_blackbox, len(y))
     rows, warnings = sweep(bundle, x, y, ids, configs, attacks=args.attacks,
-                           lambdas=args.lambdas, surrogate=surrogate, n_blackbox=n_bb,
+                           lambdas=args.lambdas, restarts=args.restarts,
+                           surrogate=surrogate, n_blackbox=n_bb,
                            square_queries=args.square_queries, batch_size=args.batch_size,
                            seed=args.seed)
     seconds["total"] = time.perf_counter() - t_start
@@ -152,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-blackbox", type=int, default=100,
                    help="the first this many of them are also attacked by the black-box "
                         "attacks (default: %(default)s)")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3],
-                   help="L-inf budgets, pixel units in [0, 1] (default: %(default)s)")
+    p.add_argument("--eps", type=pixel_budget, nargs="+", default=[0.05, 0.1, 0.2, 0.3],
+                   help="L-inf budgets, pixel units in (0, 1], e.g. 0.1 or 8/255 (default: "
+                        "%(default)s)")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS),
                    help="attacks to run (default: all)")
     a = p.add_argument_group("PGD (both kinds)")
@@ -166,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0],
                    help="weights of the detector term, tried in order on the inputs not yet "
                         "broken (default: %(default)s)")
+    g.add_argument("--restarts", type=positive(int), default=1,
+                   help="runs per lambda on the images not yet broken, every one after the "
+                        "first from a random point of the ball (default: %(default)s)")
     g.add_argument("--kappa", type=float, default=3.0,
                    help="CW margin target in logits (default: %(default)s)")
     g.add_argument("--det-margin", type=float, default=3.0,
@@ -179,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every iterate on the 1/255 grid, perturbation rounded towards "
                         "zero (attacks through 8-bit uploads; default: float iterates, what the "
                         "exact FP32 tensor endpoint accepts)")
-    g.add_argument("--surrogate", choices=(*SURROGATES, "shipped"), default="mlp",
+    g.add_argument("--surrogate", choices=(*SURROGATES, "shipped", "auto"), default="auto",
                    help="differentiable stand-in of the detector, fitted to its flags, or "
                         "'shipped': the detector's own score (exact for logistic and mlp "
-                        "detectors) (default: %(default)s)")
+                        "detectors); 'auto': shipped where it exists, else mlp "
+                        "(default: %(default)s)")
     g.add_argument("--surrogate-images", type=int, default=64,
                    help="fitting-side images whose attack iterates fit the surrogate (default: "
                         "%(default)s)")

@@ -52,16 +52,33 @@ def profile_ids(n_train: int, seed: int, max_profile: int) -> torch.Tensor:
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:max_profile]
 
 
+def fit_on_sets(detector: PathDetector, profile: PathProfile, fit: Sets) -> PathDetector:
+    """Fit ``detector`` on ``profile``'s features of the fitting sets. Negatives: the clean
+    fitting images and their benign copies (``fit.benign``); positives: every fitting attack;
+    groups are source images, and only clean images set the threshold. Returns the detector."""
+    advs = [s for s in fit.adversarial.values() if s.paths is not None]
+    if not advs:
+        raise ValueError("no fitting attack succeeded; use stronger --fit-attacks")
+    negatives = [fit.clean_paths] + ([fit.benign.paths] if fit.benign is not None else [])
+    n_clean = len(fit.y_clean)
+    n_benign = len(fit.benign.y) if fit.benign is not None else 0
+    X = torch.cat([*(profile.transform(p) for p in negatives),
+                   *(profile.transform(s.paths) for s in advs)]).numpy()
+    y = np.r_[np.zeros(n_clean + n_benign), *(np.ones(len(s.y)) for s in advs)]
+    groups = np.r_[np.arange(n_clean), fit.benign.image if fit.benign is not None else [],
+                   *(s.image for s in advs)]
+    eligible = np.r_[np.ones(n_clean, bool), np.zeros(len(y) - n_clean, bool)]
+    return detector.fit(X, y, groups=groups, threshold_mask=eligible)  # threshold: clean only
+
+
 def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fit: Sets,
                      evaluation: Sets, shifts: dict[str, PathBatch], y_eval: np.ndarray,
                      fitted: Iterable[str], seed: int, *,
                      clean_correct: np.ndarray | None = None) -> dict[str, Any]:
-    """Fit ``detector`` on path features of the fitting sets and measure it on the evaluation
-    sets.
+    """Fit ``detector`` on path features of the fitting sets (:func:`fit_on_sets`) and measure
+    it on the evaluation sets.
 
-    Features: ``profile``'s path statistics (with raw gates if ``raw``). Negatives: the clean
-    fitting images and their benign copies (``fit.benign``); positives: every fitting attack;
-    groups are source images, and only clean images set the threshold. Returns clean_fpr
+    Features: ``profile``'s path statistics (with raw gates if ``raw``). Returns clean_fpr
     (evaluation clean images flagged), attacks (label -> :func:`evaluation.metrics
     .attack_metrics`), worst (:func:`evaluation.metrics.worst_case`), worst_unseen_family
     (the same over attacks of families not fitted on, or None), benign (shift label ->
@@ -72,19 +89,7 @@ def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fi
     adversarial probabilities, for the ROC plot).
     """
     prof = profile.with_features(include_raw=raw)
-    advs = [s for s in fit.adversarial.values() if s.paths is not None]
-    if not advs:
-        raise ValueError("no fitting attack succeeded; use stronger --fit-attacks")
-    negatives = [fit.clean_paths] + ([fit.benign.paths] if fit.benign is not None else [])
-    n_clean = len(fit.y_clean)
-    n_benign = len(fit.benign.y) if fit.benign is not None else 0
-    X = torch.cat([*(prof.transform(p) for p in negatives),
-                   *(prof.transform(s.paths) for s in advs)]).numpy()
-    y = np.r_[np.zeros(n_clean + n_benign), *(np.ones(len(s.y)) for s in advs)]
-    groups = np.r_[np.arange(n_clean), fit.benign.image if fit.benign is not None else [],
-                   *(s.image for s in advs)]
-    eligible = np.r_[np.ones(n_clean, bool), np.zeros(len(y) - n_clean, bool)]
-    detector.fit(X, y, groups=groups, threshold_mask=eligible)  # threshold on clean only
+    fit_on_sets(detector, prof, fit)
 
     def scores(paths: PathBatch) -> np.ndarray:
         return detector.positive_score(prof.transform(paths).numpy())

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from detector.models import MODEL_NAMES, min_input_size
+from training.adversarial import METHODS
 from training.data import DATASET_HELP, ImageData, load_dataset
 from training.engine import PRECISIONS
 
@@ -28,13 +29,17 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "digits") -> None:
 
 
 def add_adversarial_args(p: argparse.ArgumentParser) -> None:
-    """--adversarial-eps and --adversarial-check (fast adversarial training,
-    :mod:`training.adversarial`)."""
-    g = p.add_argument_group("adversarial training (Wong et al. 2020: FGSM from a random start)")
+    """--adversarial-eps, --adversarial-method and --adversarial-check (fast adversarial
+    training, :mod:`training.adversarial`)."""
+    g = p.add_argument_group("fast adversarial training (single-step attacks on every batch)")
     g.add_argument("--adversarial-eps", type=pixel_budget, default=None, metavar="EPS",
-                   help="train on FGSM examples from a random start in the L-inf ball of this "
-                        "radius (pixel units, e.g. 8/255), step 1.25 eps, instead of clean "
-                        "images (one more forward and backward pass per batch; default: off)")
+                   help="train on single-step adversarial examples at this L-inf budget (pixel "
+                        "units, e.g. 8/255) instead of clean images (one more forward and "
+                        "backward pass per batch; default: off)")
+    g.add_argument("--adversarial-method", choices=sorted(METHODS), default="n-fgsm",
+                   help="n-fgsm (de Jorge et al. 2022: noise of 2 eps, step eps, no projection) "
+                        "or fgsm-rs (Wong et al. 2020: random start, step 1.25 eps; overfits "
+                        "catastrophically on airbench, RESULTS 1.5) (default: %(default)s)")
     g.add_argument("--adversarial-check", type=positive(int), default=500, metavar="N",
                    help="after every epoch, PGD-10 accuracy at that eps on the first N test "
                         "images, to catch catastrophic overfitting (monitoring only, nothing is "

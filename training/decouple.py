@@ -9,6 +9,12 @@ evidence.
 
 ``--init RUN`` continues an earlier decoupled run of the same base (its gates, weights and, if
 it kept them, class heads) with a fresh schedule, so decoupling can run in several sittings.
+
+``--adversarial-eps 8/255`` trains on single-step (N-FGSM) adversarial examples instead of clean
+images (fast adversarial training, :mod:`training.adversarial`); the gates then learn their
+paths from attacked images too (every decoupling loss sees the attacked batch).
+``metrics.json`` then adds the per-epoch PGD-10 accuracy on held-out test images
+(``pgd_accuracy``) and the final one.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from detector.checkpoint import (
 from detector.filter_states import filter_states
 from detector.gating import decouple, gated_layers
 from detector.paths import compute_path, network_macs
+from training.adversarial import AdversarialTraining, pgd_accuracy
 from training.cli import (
+    add_adversarial_args,
     add_data_args,
     add_runtime_args,
     load_data,
@@ -120,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CIFAR-10, 0.5 for others)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<dataset>/decoupled)")
+    add_adversarial_args(p)
     add_runtime_args(p)
     return p
 
@@ -175,7 +184,10 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
         "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
         "device": args.device, "processes": 1 if rank is None else rank.world,
+        "adversarial_eps": args.adversarial_eps,
+        "adversarial_method": None if args.adversarial_eps is None else args.adversarial_method,
     }
+    adversarial = AdversarialTraining.from_args(args, data)
     base_test = evaluate(base, data.x_test, data.y_test)
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
     model = (init if init is not None else decouple(base, args.reduction, gate_norm))
@@ -193,6 +205,8 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
 
     def step(net: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor
              ) -> dict[str, torch.Tensor]:
+        if adversarial is not None:  # every loss, the gates' included, sees the attacked batch
+            xb = adversarial.inputs(net, xb, yb)
         soft = None
         if teacher is not None:
             with torch.no_grad():
@@ -211,7 +225,8 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
                   weight_decay=weight_decay, augment=config["augment"],
                   seed=args.seed, desc=f"decouple {base_spec.arch}",
                   precision=args.precision, recipe=recipe,
-                  before_epoch=whiten_bias_schedule(model, 0))  # the stem stays as trained
+                  before_epoch=whiten_bias_schedule(model, 0),  # the stem stays as trained
+                  after_epoch=None if adversarial is None else adversarial.monitor(model))
     seconds = time.perf_counter() - start
     if rank is not None and not rank.main:
         return
@@ -221,6 +236,9 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
                    loss_curve=history)
     if init_test is not None:
         metrics["init_test_accuracy"] = init_test
+    if adversarial is not None:
+        metrics["pgd_test_accuracy"] = pgd_accuracy(
+            model, adversarial.x_check, adversarial.y_check, adversarial.attack.eps)
     states = metrics.pop("filter_states")
     save_checkpoint(out, model, spec)
     save_class_heads(out, loss_fn.class_heads())

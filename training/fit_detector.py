@@ -33,7 +33,7 @@ from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import FEATURE_GROUPS, PathProfile
 from detector.paths import network_macs
 from detector.stability import TRANSFORMS, check_transforms
-from evaluation.adaptive.evaluate import evaluate_adaptive
+from evaluation.adaptive.evaluate import adaptive_positives, evaluate_adaptive
 from evaluation.attacks import AttackSpec
 from evaluation.cost import detector_costs
 from evaluation.crafting import craft_sets
@@ -42,6 +42,7 @@ from evaluation.protocol import (
     CLASS_HEADS,
     class_heads,
     evaluate_variant,
+    fit_on_sets,
     profile_ids,
     split_by_image,
 )
@@ -68,6 +69,7 @@ from training.report import write_json
 log = logging.getLogger("training.fit_detector")
 
 ADVERSARIAL = "adversarial.npz"
+FIRST_FIT = "first_fit_bundle"  # the detector the --adaptive-positives attacks were crafted on
 
 GREY_FIT = ("fgsm:0.1", "fgsm:0.2", "fgsm:0.3", "pgd:0.1", "pgd:0.2", "pgd:0.3")
 COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/255", "pgd:4/255",
@@ -101,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "threat model by family, each family at 1-16/255 for colour images, "
                         "0.02-0.3 for grey; slow ones on 1/4 of the images; "
                         "evaluation/suites.py) (default: %(default)s)")
+    g.add_argument("--adaptive-positives", nargs="+", default=[], metavar="ATTACK",
+                   help="adaptive attacks (pgd-aware:eps, square-aware:eps) to fit on as well: "
+                        "the bundled detector is fitted once, these attack it on the fitting "
+                        "images, their examples join the positives and the detector is fitted "
+                        "again (the first fit is kept in <out>/first_fit_bundle); adaptive "
+                        "--eval-attacks then attack the refitted detector (default: none)")
     g.add_argument("--attacks-per-image", type=positive(int), default=1,
                    help="fitting attacks applied to each fitting image, drawn at random; 1 keeps "
                         "clean and adversarial classes balanced (default: %(default)s)")
@@ -211,6 +219,11 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         raise ValueError("--fit-attacks: adaptive attacks (pgd-aware, square-aware) attack the "
                          "fitted detector, so they can only be evaluated: name them in "
                          "--eval-attacks")
+    positive_specs = [AttackSpec.parse(a) for a in args.adaptive_positives]
+    if not all(s.adaptive for s in positive_specs):
+        raise ValueError("--adaptive-positives takes adaptive attacks only (pgd-aware, "
+                         "square-aware), got "
+                         f"{[s.label for s in positive_specs if not s.adaptive]}")
     # adaptive attacks need the fitted detector: crafted after fitting, against the bundle
     adaptive_specs = [s for s in eval_specs if s.adaptive]
     crafted_specs = [s for s in eval_specs if not s.adaptive]
@@ -265,6 +278,21 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             attach_stability(model, sets, stability)
         profile = profile.with_stability(stability)
     fitted = {s.label for s in fit_specs}
+    name = f"{spec.arch}-{data.name}"
+    macs = network_macs(model, spec.input_shape)
+    if positive_specs:  # fit once, attack that detector adaptively, fit on its examples too
+        first = fit_on_sets(PathDetector(model=args.detector, target_fpr=args.target_fpr,
+                                         random_state=args.seed),
+                            profile.with_features(include_raw=args.raw_features), fit_sets)
+        save_bundle(out / FIRST_FIT, name=name, model=model, spec=spec,
+                    profile=profile.with_features(include_raw=args.raw_features),
+                    detector=first, network_macs=macs, metrics={"clean_accuracy": clean_acc})
+        extra = adaptive_positives(load_bundle(out / FIRST_FIT), fit_sets, positive_specs,
+                                   seed=args.seed + 4, square_queries=args.square_queries)
+        for label, s in extra.items():
+            log.info("%s: %d fitting positives", label, len(s.y))
+        fit_sets.adversarial.update(extra)
+        fitted |= set(extra)
     # benign changes of every evaluation image, right or wrong, for the classifier's accuracy
     x_all, y_all = to_float(data.x_test[eval_ids]), data.y_test[eval_ids]
     shift_correct = (predict(model, x_all) == y_all).numpy()
@@ -300,8 +328,6 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     costs = detector_costs(model, x_eval[:16], fitted_variants)
     evaluation = {k: v for k, v in evaluation.items() if k != "scores"}
     profile = profile.with_features(include_raw=args.raw_features)
-    name = f"{spec.arch}-{data.name}"
-    macs = network_macs(model, spec.input_shape)
 
     def write_bundle() -> None:
         summary = {k: evaluation["attacks"][k].get("auroc") for k in evaluation["attacks"]}
@@ -330,6 +356,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             "detector": args.detector, "raw_features": args.raw_features,
             "target_fpr": args.target_fpr, "fit_attacks": [s.label for s in fit_specs],
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
+            "adaptive_positives": [s.label for s in positive_specs],
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
             "reused_attacks": reused, "noise_negatives": args.noise_negatives,
             "benign_negatives": args.benign_negatives,
@@ -340,6 +367,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         },
         "clean_accuracy": clean_acc,
         "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
+        "n_fit_positives": {label: len(a.y) for label, a in fit_sets.adversarial.items()},
         "threshold": detector.threshold_, "threshold_clean_fpr": detector.clean_fpr_,
         "evaluation": evaluation,
         "variants": {k: {"auroc": {a: m.get("auroc", float("nan")) for a, m in
@@ -356,7 +384,9 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
               results[_variant_name(*main_variant)]["scores"]["attacks"], out / "roc.png",
               f"{metrics['name']}: detector ROC on held-out images")
     (out / "report.md").write_text(markdown_report(metrics))
-    if not reused:
+    if not reused:  # the adaptive positives are crafted again each run, like adaptive attacks
+        for label in [k for k in fit_sets.adversarial if k not in {s.label for s in fit_specs}]:
+            del fit_sets.adversarial[label]
         np.savez_compressed(out / ADVERSARIAL, **sets_to_arrays(fit_sets, "fit"),
                             **sets_to_arrays(eval_sets, "eval"))
     print(_summary(metrics, out))  # noqa: T201

@@ -5,6 +5,10 @@ Output: ``<out>/weights.safetensors``, ``model.json``, ``config.json``, ``metric
 ``--init RUN`` starts from the weights of an earlier base run (same architecture and data shape)
 with a fresh learning-rate schedule: a base can be trained in several sittings (e.g. 40 epochs,
 then 20 more at a lower ``--lr``), each writing its own run directory.
+
+``--adversarial-eps 8/255`` trains on single-step (N-FGSM) adversarial examples instead of clean
+images (fast adversarial training, :mod:`training.adversarial`). ``metrics.json`` then adds the
+per-epoch PGD-10 accuracy on held-out test images (``pgd_accuracy``) and the final one.
 """
 
 from __future__ import annotations
@@ -123,9 +127,9 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         "init": None if args.init is None else str(args.init),
         "processes": 1 if rank is None else rank.world,
         "adversarial_eps": args.adversarial_eps,
+        "adversarial_method": None if args.adversarial_eps is None else args.adversarial_method,
     }
-    adversarial = (None if args.adversarial_eps is None else AdversarialTraining.on_test_images(
-        args.adversarial_eps, data.x_test, data.y_test, args.adversarial_check))
+    adversarial = AdversarialTraining.from_args(args, data)
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
     model = init if init is not None else spec.build()
     if isinstance(model, AirbenchNet) and init is None:

@@ -80,10 +80,12 @@ def select_images(bundle: Bundle, x_test: torch.Tensor, y_test: torch.Tensor, n:
 
 def sweep(bundle: Bundle, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray,
           configs: Sequence[PGDConfig], *, attacks: Sequence[str], lambdas: Sequence[float],
-          surrogate: DetectorStandIn | None, n_blackbox: int, square_queries: int,
-          batch_size: int, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
+          restarts: int = 1, surrogate: DetectorStandIn | None, n_blackbox: int,
+          square_queries: int, batch_size: int, seed: int
+          ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every attack at every config (in the given order) on x (N, C, H, W) in [0, 1] with
-    labels y (N,) and image ids (N,); the black-box attacks on the first ``n_blackbox``.
+    labels y (N,) and image ids (N,); the black-box attacks on the first ``n_blackbox``; the
+    adaptive one with ``restarts`` runs per lambda (:class:`DetectorAwarePGD`).
 
     Returns one row per config (eps, per-attack verdicts of :func:`judge` with the ids evaded,
     the cumulative rate, seconds; the adaptive attack's successes by lambda) and the
@@ -103,7 +105,7 @@ def sweep(bundle: Bundle, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray,
                 xa = plain_pgd(bundle, xs, ys, cfg, seed, batch_size)
             elif name == "adaptive":
                 attack = DetectorAwarePGD(bundle, surrogate, cfg, lambdas=lambdas,
-                                          batch_size=batch_size, seed=seed)
+                                          restarts=restarts, batch_size=batch_size, seed=seed)
                 res = attack.run(xs, ys)
                 xa = res.x_adv
                 extra["by_lambda"] = {f"{lam:g}": int((res.lam_index == i).sum())

@@ -21,7 +21,44 @@ from detector.features import PathBatch
 from evaluation.attacks import AttackSpec, Defence
 from evaluation.crafting import craft_set
 from evaluation.metrics import attack_metrics
-from evaluation.sets import Sets, paths_with_companions
+from evaluation.sets import AdvSet, Sets, paths_with_companions
+
+#: Suffix of the fitting sets that :func:`adaptive_positives` adds.
+AGAINST_FIRST_FIT = " vs first fit"
+
+
+def craft_adaptive(bundle: Bundle, sets: Sets, specs: Sequence[AttackSpec], *,
+                   x_fit: torch.Tensor | None, y_fit: torch.Tensor | None, seed: int,
+                   square_queries: int) -> dict[str, AdvSet]:
+    """Each adaptive attack of ``specs`` against ``bundle`` on the clean images of ``sets`` (all,
+    or the first share: :meth:`AttackSpec.images`; seeded by ``seed``): its misclassified
+    examples with the paths the bundle's features read (stability companions included), by
+    attack label. x_fit (M, C, H, W) in [0, 1], y_fit (M,): images on which ``pgd-aware`` fits
+    its surrogate when the detector has no exact torch export."""
+    if not all(s.adaptive for s in specs):
+        raise ValueError(f"not adaptive attacks: {[s.label for s in specs if not s.adaptive]}")
+    defence = Defence(bundle, x_fit, y_fit)
+    n = len(sets.y_clean)
+    crafted = {s.label: craft_set(bundle.model, sets.x_clean, sets.y_clean, s,
+                                  np.arange(s.images(n)), seed=seed,
+                                  square_queries=square_queries, defence=defence)
+               for s in specs}
+    for c in crafted.values():
+        if c.paths is not None:
+            c.paths = paths_with_companions(bundle.model, c.x, c.paths, bundle.profile.stability)
+    return crafted
+
+
+def adaptive_positives(bundle: Bundle, fit: Sets, specs: Sequence[AttackSpec], *, seed: int,
+                       square_queries: int) -> dict[str, AdvSet]:
+    """Fitting positives from adaptive attacks: each attack of ``specs`` against ``bundle`` (a
+    first fit of the detector) on the fitting images of ``fit``, labelled ``"<attack> vs first
+    fit"``, to be added to ``fit.adversarial`` before the detector is fitted again. The
+    evaluation's adaptive attacks then attack the refitted detector (Tramer et al. 2020: a
+    defence must be evaluated against an attack on its final form)."""
+    crafted = craft_adaptive(bundle, fit, specs, x_fit=fit.x_clean, y_fit=fit.y_clean,
+                             seed=seed, square_queries=square_queries)
+    return {label + AGAINST_FIRST_FIT: s for label, s in crafted.items()}
 
 
 def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSpec], *,
@@ -37,18 +74,8 @@ def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSp
     :func:`evaluation.metrics.attack_metrics` (bootstrap seeded by ``metrics_seed``; never
     fitted, ``"adaptive": True``) and the detector's scores of its successful examples (Na,).
     """
-    if not all(s.adaptive for s in specs):
-        raise ValueError(f"not adaptive attacks: {[s.label for s in specs if not s.adaptive]}")
-    defence = Defence(bundle, x_fit, y_fit)
-    n = len(evaluation.y_clean)
-    sets = {s.label: craft_set(bundle.model, evaluation.x_clean, evaluation.y_clean, s,
-                               np.arange(s.images(n)), seed=seed,
-                               square_queries=square_queries, defence=defence)
-            for s in specs}
-
-    for s in sets.values():  # the paths the bundle's features read (stability companions)
-        if s.paths is not None:
-            s.paths = paths_with_companions(bundle.model, s.x, s.paths, bundle.profile.stability)
+    sets = craft_adaptive(bundle, evaluation, specs, x_fit=x_fit, y_fit=y_fit, seed=seed,
+                          square_queries=square_queries)
 
     def scores(paths: PathBatch) -> np.ndarray:
         return bundle.score_paths(paths).scores.numpy()

@@ -20,7 +20,7 @@ alone with the real detector as a stopping oracle (what selection alone buys).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -165,7 +165,11 @@ class DetectorAwarePGD(Attack):
         lambdas: weights of the detector term, tried in order on the inputs not yet broken
             (default :data:`LAMBDAS`).
         batch_size: images per run.
-        seed: the random start of lambda ``i`` is seeded by ``seed + i``.
+        restarts: runs per lambda on the inputs not yet broken: the first starts where the
+            config says (the image, or a random point with ``random_start``), every further one
+            from a uniformly random point of the ball.
+        seed: the random start of lambda ``i``, restart ``r`` is seeded by
+            ``seed + i * restarts + r``.
 
     Shape: images (N, C, H, W) in [0, 1], labels (N,) true classes; output (N, C, H, W) in
     [0, 1]. :meth:`run` returns the per-input verdicts of the loop as well.
@@ -173,7 +177,7 @@ class DetectorAwarePGD(Attack):
 
     def __init__(self, bundle: Bundle, surrogate: DetectorStandIn | None, config: PGDConfig,
                  *, lambdas: Sequence[float] = LAMBDAS, batch_size: int = 300,
-                 seed: int = 0) -> None:
+                 restarts: int = 1, seed: int = 0) -> None:
         super().__init__("DetectorAwarePGD", bundle.model)
         if not lambdas or any(lam < 0 for lam in lambdas):
             raise ValueError(f"lambdas must be a non-empty list of values >= 0, got {lambdas}")
@@ -181,11 +185,14 @@ class DetectorAwarePGD(Attack):
             raise ValueError(f"positive lambdas {list(lambdas)} need a surrogate of the detector")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
         self.bundle = bundle
         self.surrogate = surrogate
         self.config = config
         self.lambdas = tuple(lambdas)
         self.batch_size = batch_size
+        self.restarts = restarts
         self.seed = seed
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -193,7 +200,8 @@ class DetectorAwarePGD(Attack):
         return self.run(images, labels).x_adv
 
     def run(self, images: torch.Tensor, labels: torch.Tensor) -> AdaptiveResult:
-        """Each lambda in turn on the inputs no earlier lambda broke. Uses the model as it is
+        """Each lambda in turn, each with its restarts, on the inputs no earlier run broke.
+        Uses the model as it is
         (a loaded bundle's is in eval mode; calling the attack switches modes as every
         torchattacks attack does)."""
         x = images.clone().detach().to(self.device)
@@ -202,14 +210,17 @@ class DetectorAwarePGD(Attack):
         res = AdaptiveResult(x.clone(), np.zeros(n, dtype=bool), np.full(n, -1),
                              np.full(n, -1))
         for li, lam in enumerate(self.lambdas):
-            todo = np.flatnonzero(~res.success)
-            for start in range(0, len(todo), self.batch_size):
-                b = todo[start:start + self.batch_size]
-                bt = torch.from_numpy(b)
-                xb, ok, step = pgd_run(self.bundle, self.surrogate, x[bt], y[bt], lam,
-                                       self.config, stop_on_success=True, seed=self.seed + li)
-                res.x_adv[bt] = xb
-                res.success[b[ok]] = True
-                res.lam_index[b[ok]] = li
-                res.step[b[ok]] = step[ok]
+            for r in range(self.restarts):
+                cfg = self.config if r == 0 else replace(self.config, random_start=True)
+                todo = np.flatnonzero(~res.success)
+                for start in range(0, len(todo), self.batch_size):
+                    b = todo[start:start + self.batch_size]
+                    bt = torch.from_numpy(b)
+                    xb, ok, step = pgd_run(self.bundle, self.surrogate, x[bt], y[bt], lam, cfg,
+                                           stop_on_success=True,
+                                           seed=self.seed + li * self.restarts + r)
+                    res.x_adv[bt] = xb
+                    res.success[b[ok]] = True
+                    res.lam_index[b[ok]] = li
+                    res.step[b[ok]] = step[ok]
         return res

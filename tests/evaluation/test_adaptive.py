@@ -173,6 +173,23 @@ def test_detector_aware_pgd_is_a_torchattacks_attack(bundle, images) -> None:
         DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0, 1.0])
     with pytest.raises(ValueError, match="lambdas"):
         DetectorAwarePGD(bundle, None, cfg, lambdas=[])
+    with pytest.raises(ValueError, match="restarts"):
+        DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0], restarts=0)
+
+
+def test_restarts_only_add_successes(bundle, images) -> None:
+    """Restarts run on the inputs the first run left unbroken, from random points of the ball:
+    what one run breaks stays broken, and every success is real."""
+    x, y = images
+    cfg = PGDConfig(eps=0.06, alpha=0.02, steps=4)
+    one = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0]).run(x, y)
+    three = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0], restarts=3).run(x, y)
+    assert (three.success >= one.success).all()
+    assert three.success.sum() > one.success.sum()  # the random restarts break more
+    assert (three.x_adv - x).abs().max() <= 0.06 + 1e-6
+    analysis = bundle.analyze(three.x_adv)
+    np.testing.assert_array_equal((analysis.predictions != y.numpy()) & ~analysis.flagged,
+                                  three.success)
 
 
 def test_adaptive_attacks_by_name_need_the_defence(bundle, images) -> None:
@@ -254,6 +271,40 @@ def test_fit_detector_refuses_fitting_on_adaptive_attacks(tiny_decoupled_checkpo
                           "pgd-aware:0.2", "--out", str(tmp_path / "out"), "--quiet"])
     assert e.value.code == 2
     assert "--fit-attacks: adaptive attacks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_detector_fits_on_adaptive_positives(tiny_decoupled_checkpoint, tmp_path,
+                                                 images) -> None:
+    """--adaptive-positives: a first fit is attacked adaptively on the fitting images, its
+    examples join the positives, the detector is fitted again, and the evaluation's adaptive
+    attack attacks the refitted one."""
+    out = tmp_path / "detector"
+    fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--max-fit", "80",
+                      "--max-eval", "20", "--max-profile", "300", "--fit-attacks", "fgsm:0.2",
+                      "--adaptive-positives", "pgd-aware:0.2", "--eval-attacks", "fgsm:0.2",
+                      "pgd-aware:0.2", "--detector", "logistic", "--compare", "--stability",
+                      "--out", str(out), "--threads", "1", "--quiet"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["adaptive_positives"] == ["PGD-AWARE eps=0.2"]
+    positives = metrics["n_fit_positives"]
+    assert positives["PGD-AWARE eps=0.2 vs first fit"] > 0 and positives["FGSM eps=0.2"] > 0
+    first, final = load_bundle(out / "first_fit_bundle"), load_bundle(out / "bundle")
+    x, _ = images
+    assert not np.allclose(first.analyze(x).scores, final.analyze(x).scores)  # fitted again
+    assert "PGD-AWARE eps=0.2" in metrics["evaluation"]["attacks"]
+    with np.load(out / "adversarial.npz") as f:
+        labels = {str(f[k]) for k in f.files if k.startswith("fit_adv") and k.endswith("_label")}
+    assert labels == {"FGSM eps=0.2"}
+
+
+def test_fit_detector_adaptive_positives_must_be_adaptive(tiny_decoupled_checkpoint, tmp_path,
+                                                          capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--adaptive-positives",
+                          "pgd:0.2", "--out", str(tmp_path / "out"), "--quiet"])
+    assert e.value.code == 2
+    assert "--adaptive-positives takes adaptive attacks only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -129,6 +129,10 @@ def run_error(cli, argv, capsys):
     (["--widths", "8", "16", "16"], "small_cnn"),  # airbench's option on the digits preset
     (["--widths", "8", "0", "16"], "'0'"),
     (["--arch", "airbench"], "airbench"),  # 8x8 digits are too small for it
+    (["--adversarial-eps", "2"], "'2'"),
+    (["--adversarial-eps", "8/0"], "'8/0'"),
+    (["--adversarial-check", "0"], "'0'"),
+    (["--adversarial-eps", "0.1", "--adversarial-method", "free"], "'free'"),
     pytest.param(["--device", "cuda"], "cuda", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),
 ])
@@ -202,6 +206,7 @@ def test_train_too_small_images_message(capsys, tmp_path):
     (["--epochs", "0"], "'0'"),
     (["--dataset", "no-such-data"], "no-such-data"),
     (["--recipe", "adam"], "adam"),
+    (["--adversarial-eps", "0"], "'0'"),
 ])
 def test_decouple_errors_exit_2_naming_the_value(argv, named, capsys, base_run, tmp_path):
     err = run_error(decouple_cmd.cli,

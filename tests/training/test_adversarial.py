@@ -1,0 +1,88 @@
+"""Fast adversarial training: the FGSM-RS batches, the PGD check, and the commands' option."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detector.checkpoint import load_checkpoint
+from training import decouple as decouple_cmd
+from training import train as train_cmd
+from training.adversarial import FastAdversarial, pgd_accuracy
+from training.data import load_dataset, to_float
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    return to_float(data.x_test[:256]), data.y_test[:256]
+
+
+@pytest.fixture(scope="module")
+def adversarial_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adv") / "base"
+    train_cmd.cli(["--dataset", "digits", "--epochs", "2", "--adversarial-eps", str(EPS),
+                   "--adversarial-check", "128", "--out", str(out), "-q", "--threads", "1"])
+    return out
+
+
+@pytest.mark.parametrize(("method", "reach"), [("fgsm-rs", 1.0), ("n-fgsm", 3.0)])
+def test_single_step_attacks_stay_in_their_ball_and_the_image_range(tiny_base_checkpoint, digits,
+                                                                   method, reach):
+    model, _ = load_checkpoint(tiny_base_checkpoint)
+    x, y = digits
+    adv = FastAdversarial(EPS, method).perturb(model.eval(), x, y)
+    assert adv.shape == x.shape
+    assert float((adv - x).abs().max()) <= reach * EPS + 1e-6
+    if method == "n-fgsm":  # no projection: some pixels move further than eps
+        assert float((adv - x).abs().max()) > EPS + 1e-3
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert float((adv - x).abs().mean()) > EPS / 4  # moved, not a copy
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        clean_loss = F.cross_entropy(model(x), y)
+        adv_loss = F.cross_entropy(model(adv), y)
+    assert adv_loss > clean_loss
+
+
+def test_pgd_check_is_at_most_clean_accuracy(tiny_base_checkpoint, digits):
+    model, _ = load_checkpoint(tiny_base_checkpoint)
+    x, y = digits
+    with torch.no_grad():
+        clean = float((model.eval()(x).argmax(1) == y).float().mean())
+    robust = pgd_accuracy(model, x, y, EPS, steps=5)
+    assert 0.0 <= robust < clean
+
+
+@pytest.mark.parametrize(("eps", "method"), [(0.0, "n-fgsm"), (1.5, "fgsm-rs"), (0.1, "pgd")])
+def test_fast_adversarial_rejects_bad_settings(eps, method):
+    with pytest.raises(ValueError, match="adversarial"):
+        FastAdversarial(eps, method)
+
+
+def test_adversarial_training_records_its_check_and_resists_pgd(adversarial_base,
+                                                               tiny_base_checkpoint, digits):
+    metrics = json.loads((adversarial_base / "metrics.json").read_text())
+    config = json.loads((adversarial_base / "config.json").read_text())
+    assert config["adversarial_eps"] == pytest.approx(EPS)
+    assert config["adversarial_method"] == "n-fgsm"
+    assert len(metrics["pgd_accuracy_curve"]) == 2
+    assert 0.0 <= metrics["pgd_test_accuracy"] <= 1.0
+    x, y = digits
+    robust, _ = load_checkpoint(adversarial_base)
+    plain, _ = load_checkpoint(tiny_base_checkpoint)
+    assert pgd_accuracy(robust, x, y, EPS) > pgd_accuracy(plain, x, y, EPS) + 0.1
+
+
+def test_decouple_with_adversarial_batches(adversarial_base, tmp_path):
+    out = tmp_path / "dec"
+    decouple_cmd.cli(["--base", str(adversarial_base), "--dataset", "digits", "--epochs", "1",
+                      "--batch-size", "128", "--adversarial-eps", "1/10",
+                      "--adversarial-check", "64", "--out", str(out), "-q", "--threads", "1"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "pgd_accuracy" in metrics["loss_curve"][0]
+    assert 0.0 <= metrics["pgd_test_accuracy"] <= 1.0
+    assert json.loads((out / "config.json").read_text())["adversarial_eps"] == pytest.approx(0.1)
