@@ -32,6 +32,9 @@ from training.data import ImageData, to_float
 
 log = logging.getLogger(__name__)
 
+#: Test images whose PGD-10 accuracy the commands report after adversarial training.
+TEST_IMAGES = 1000
+
 #: method -> (noise radius, step, whether the result is projected into the eps-ball), in
 #: units of eps.
 METHODS = {"fgsm-rs": (1.0, 1.25, True), "n-fgsm": (2.0, 1.0, False)}
@@ -86,24 +89,38 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     return correct / max(len(y), 1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class AdversarialTraining:
-    """What ``--adversarial-eps`` adds to a training command: the batches' attack and the
-    per-epoch PGD check on ``x_check`` (N, C, H, W) float in [0, 1], ``y_check`` (N,)."""
+    """What ``--adversarial-eps`` adds to a training command: the batches' attack, and the
+    per-epoch PGD check on ``x_check`` (N, C, H, W) float in [0, 1], ``y_check`` (N,): training
+    images held out of training, on which the best epoch is chosen (Wong et al.'s early
+    stopping: after catastrophic overfitting the last epoch is not the most robust one)."""
 
     attack: FastAdversarial
     x_check: torch.Tensor
     y_check: torch.Tensor
+    best_accuracy: float = -1.0
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, data: ImageData) -> AdversarialTraining | None:
         """What the command's ``--adversarial-*`` options ask for (None without
-        ``--adversarial-eps``): the check on the first ``--adversarial-check`` test images."""
+        ``--adversarial-eps``): the check on the last ``--adversarial-check`` training images,
+        which :meth:`training_images` then leaves out."""
         if args.adversarial_eps is None:
             return None
         n = args.adversarial_check
+        if n >= len(data.y_train):
+            raise ValueError(f"--adversarial-check {n} leaves no training images "
+                             f"({len(data.y_train)} in {data.name!r})")
         return cls(FastAdversarial(args.adversarial_eps, args.adversarial_method),
-                   to_float(data.x_test[:n]), data.y_test[:n])
+                   to_float(data.x_train[-n:]), data.y_train[-n:])
+
+    def training_images(self, x: torch.Tensor, y: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images x (N, C, H, W) uint8, y (N,) without the held-out check ones."""
+        return x[:-len(self.y_check)], y[:-len(self.y_check)]
 
     def inputs(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch x (B, C, H, W) in [0, 1] the step trains on: its FGSM-RS copies. ``net`` may
@@ -113,20 +130,40 @@ class AdversarialTraining:
 
     def monitor(self, model: nn.Module) -> Callable[[int], dict[str, float]]:
         """An ``after_epoch`` hook for :func:`training.engine.fit`: PGD-10 accuracy of ``model``
-        on the check images, with a warning when it falls below half of its best so far
-        (catastrophic overfitting)."""
-        best = [0.0]
+        on the check images; keeps a copy of the weights of the best epoch so far, and warns
+        when the accuracy falls below half of the best (catastrophic overfitting)."""
 
         def after_epoch(epoch: int) -> dict[str, float]:
             acc = pgd_accuracy(model, self.x_check, self.y_check, self.attack.eps)
             model.train()
-            if acc < 0.5 * best[0]:
+            if acc < 0.5 * self.best_accuracy:
                 log.warning("epoch %d: PGD accuracy %.3f fell below half of its best %.3f: "
                             "catastrophic overfitting (lower --adversarial-eps or the learning "
-                            "rate)", epoch + 1, acc, best[0])
-            best[0] = max(best[0], acc)
+                            "rate)", epoch + 1, acc, self.best_accuracy)
+            if acc > self.best_accuracy:
+                self.best_accuracy, self.best_epoch = acc, epoch
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             log.info("epoch %d: PGD-10 accuracy at eps %.4g on %d test images: %.4f",
                      epoch + 1, self.attack.eps, len(self.y_check), acc)
             return {"pgd_accuracy": acc}
 
         return after_epoch
+
+    def test_accuracy(self, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+                      n: int = TEST_IMAGES) -> float:
+        """PGD-10 accuracy at the training eps on the first ``n`` uint8 test images x_test
+        (N, C, H, W), y_test (N,): the robust accuracy ``metrics.json`` reports."""
+        return pgd_accuracy(model, to_float(x_test[:n]), y_test[:n], self.attack.eps)
+
+    def keep_best(self, model: nn.Module) -> dict[str, float | int]:
+        """Load the best epoch's weights into ``model`` if the final ones (after the last
+        epoch's weight averaging) are less robust on the check images; returns what was
+        measured and chosen (``pgd_check_accuracy``, ``best_epoch`` counted from 1)."""
+        final = pgd_accuracy(model, self.x_check, self.y_check, self.attack.eps)
+        chosen = {"pgd_check_accuracy": final, "best_epoch": 0}  # 0: the final weights
+        if self.best_state is not None and self.best_accuracy > final:
+            model.load_state_dict(self.best_state)
+            chosen = {"pgd_check_accuracy": self.best_accuracy, "best_epoch": self.best_epoch + 1}
+            log.info("keeping epoch %d's weights: PGD accuracy %.4f on the check images, the "
+                     "final ones %.4f", self.best_epoch + 1, self.best_accuracy, final)
+        return chosen

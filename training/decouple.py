@@ -39,7 +39,7 @@ from detector.checkpoint import (
 from detector.filter_states import filter_states
 from detector.gating import decouple, gated_layers
 from detector.paths import compute_path, network_macs
-from training.adversarial import AdversarialTraining, pgd_accuracy
+from training.adversarial import AdversarialTraining
 from training.cli import (
     add_adversarial_args,
     add_data_args,
@@ -220,7 +220,9 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
         *parameter_groups(model, weight_decay, exclude=gate_params),
         {"params": [*gate_params, *loss_fn.parameters()], "lr_mult": gate_lr_mult},
     ]
-    history = fit(model, data.x_train, data.y_train, step, groups, epochs=config["epochs"],
+    x_train, y_train = (data.x_train, data.y_train) if adversarial is None else \
+        adversarial.training_images(data.x_train, data.y_train)
+    history = fit(model, x_train, y_train, step, groups, epochs=config["epochs"],
                   batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=weight_decay, augment=config["augment"],
                   seed=args.seed, desc=f"decouple {base_spec.arch}",
@@ -231,14 +233,15 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     if rank is not None and not rank.main:
         return
     model.cpu()
+    chosen = {} if adversarial is None else adversarial.keep_best(model)
     metrics = summarize(model, spec, data.x_test, data.y_test)
     metrics.update(base_test_accuracy=base_test["accuracy"], train_seconds=seconds,
                    loss_curve=history)
     if init_test is not None:
         metrics["init_test_accuracy"] = init_test
     if adversarial is not None:
-        metrics["pgd_test_accuracy"] = pgd_accuracy(
-            model, adversarial.x_check, adversarial.y_check, adversarial.attack.eps)
+        metrics.update(chosen, pgd_test_accuracy=adversarial.test_accuracy(
+            model, data.x_test, data.y_test))
     states = metrics.pop("filter_states")
     save_checkpoint(out, model, spec)
     save_class_heads(out, loss_fn.class_heads())

@@ -25,7 +25,7 @@ from torch import nn
 from detector.airbench import AirbenchNet, init_whitening
 from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from detector.paths import network_macs
-from training.adversarial import AdversarialTraining, pgd_accuracy
+from training.adversarial import AdversarialTraining
 from training.cli import (
     add_adversarial_args,
     add_data_args,
@@ -145,7 +145,9 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         return {"total": F.cross_entropy(net(xb), yb, label_smoothing=recipe.label_smoothing)}
 
     start = time.perf_counter()
-    history = fit(model, data.x_train, data.y_train, step,
+    x_train, y_train = (data.x_train, data.y_train) if adversarial is None else \
+        adversarial.training_images(data.x_train, data.y_train)
+    history = fit(model, x_train, y_train, step,
                   parameter_groups(model, config["weight_decay"]),
                   epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=config["weight_decay"], augment=config["augment"],
@@ -157,14 +159,14 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
     if rank is not None and not rank.main:
         return
     model.cpu()
+    chosen = {} if adversarial is None else adversarial.keep_best(model)
     test = evaluate(model, data.x_test, data.y_test)
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "train_seconds": seconds, "loss_curve": [h["total"] for h in history],
         **({} if adversarial is None else {
-            "pgd_accuracy_curve": [h["pgd_accuracy"] for h in history],
-            "pgd_test_accuracy": pgd_accuracy(model, adversarial.x_check, adversarial.y_check,
-                                              adversarial.attack.eps)}),
+            "pgd_accuracy_curve": [h["pgd_accuracy"] for h in history], **chosen,
+            "pgd_test_accuracy": adversarial.test_accuracy(model, data.x_test, data.y_test)}),
         "dense_macs_per_input": network_macs(model, data.input_shape),
     }
     if init_test is not None:
