@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from detector.checkpoint import load_checkpoint
 from training import decouple as decouple_cmd
 from training import train as train_cmd
-from training.adversarial import FastAdversarial, pgd_accuracy
+from training.adversarial import AdversarialTraining, FastAdversarial, pgd_accuracy
 from training.data import load_dataset, to_float
 
 EPS = 0.1
@@ -71,6 +71,8 @@ def test_adversarial_training_records_its_check_and_resists_pgd(adversarial_base
     assert config["adversarial_method"] == "n-fgsm"
     assert len(metrics["pgd_accuracy_curve"]) == 2
     assert 0.0 <= metrics["pgd_test_accuracy"] <= 1.0
+    assert metrics["best_epoch"] in (0, 1, 2)  # 0: the final weights were the most robust
+    assert metrics["pgd_check_accuracy"] >= max(metrics["pgd_accuracy_curve"]) - 1e-9
     x, y = digits
     robust, _ = load_checkpoint(adversarial_base)
     plain, _ = load_checkpoint(tiny_base_checkpoint)
@@ -86,3 +88,28 @@ def test_decouple_with_adversarial_batches(adversarial_base, tmp_path):
     assert "pgd_accuracy" in metrics["loss_curve"][0]
     assert 0.0 <= metrics["pgd_test_accuracy"] <= 1.0
     assert json.loads((out / "config.json").read_text())["adversarial_eps"] == pytest.approx(0.1)
+
+
+def test_keep_best_restores_the_most_robust_epoch(tiny_base_checkpoint, digits):
+    """The weights kept at the best check are restored when the final ones are worse."""
+    model, _ = load_checkpoint(tiny_base_checkpoint)
+    x, y = digits
+    run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64])
+    hook = run.monitor(model)
+    first = hook(0)["pgd_accuracy"]
+    assert first > 0.0 and run.best_epoch == 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.0)  # a collapsed network: chance at best
+    chosen = run.keep_best(model)
+    assert chosen == {"pgd_check_accuracy": first, "best_epoch": 1}
+    assert pgd_accuracy(model, x[:64], y[:64], EPS) == pytest.approx(first, abs=0.05)
+
+
+def test_adversarial_check_must_leave_training_images(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_cmd.cli(["--dataset", "digits", "--adversarial-eps", "0.1", "--adversarial-check",
+                       "100000", "--out", str(tmp_path / "out"), "-q"])
+    assert e.value.code == 2
+    assert "--adversarial-check 100000 leaves no training images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
