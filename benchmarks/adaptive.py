@@ -61,7 +61,13 @@ import torch
 
 from detector.bundle import load_bundle
 from detector.straight_through import STE_KINDS
-from evaluation.adaptive.benchmark import ATTACKS, markdown_table, select_images, sweep
+from evaluation.adaptive.benchmark import (
+    ATTACKS,
+    markdown_table,
+    plot_curves,
+    select_images,
+    sweep,
+)
 from evaluation.adaptive.pgd import PGDConfig
 from evaluation.adaptive.surrogate import (
     SURROGATES,
@@ -135,6 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(content, indent=2) + "\n")
+    if args.plot is not None:
+        plot_curves(content, args.plot, f"{bundle.name}: adaptive attacks "
+                    f"({args.steps} steps, {args.restarts} restart(s) per lambda)")
     return content
 
 
@@ -208,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=1,
                    help="torch and BLAS threads (default: %(default)s)")
     r.add_argument("--json", type=Path, default=None, help="write the results to this file")
+    r.add_argument("--plot", type=Path, default=None,
+                   help="write the attacker's success against eps as a PNG to this file")
     r.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 

@@ -143,7 +143,7 @@ class AdversarialTraining:
             if acc > self.best_accuracy:
                 self.best_accuracy, self.best_epoch = acc, epoch
                 self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            log.info("epoch %d: PGD-10 accuracy at eps %.4g on %d test images: %.4f",
+            log.info("epoch %d: PGD-10 accuracy at eps %.4g on %d held-out training images: %.4f",
                      epoch + 1, self.attack.eps, len(self.y_check), acc)
             return {"pgd_accuracy": acc}
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from detector import perturb
 from detector.bundle import Bundle
@@ -174,6 +176,35 @@ def masking_warnings(eps: float, successes: dict[str, np.ndarray], n_bb: int) ->
             log.warning(msg)
             out.append(msg)
     return out
+
+
+def plot_curves(content: dict[str, Any], path: Path, title: str) -> None:
+    """The attacker's success against eps (x-axis, in /255), one line per attack (the
+    cumulative rate ``evaded_up_to_eps``: an attacker with budget eps also has the smaller
+    ones), from the benchmark's JSON content; the clean images' flag rate in the legend's
+    title. Writes a PNG to ``path``."""
+    fig = Figure(figsize=(5.5, 4.0))  # no pyplot: no global figure state
+    ax = fig.subplots()
+    rows = content["results"]
+    eps = [row["eps"] * 255 for row in rows]
+    for name in ATTACKS:
+        rates = [row["attacks"][name]["evaded_up_to_eps"] for row in rows
+                 if name in row["attacks"]]
+        if len(rates) == len(rows):
+            ax.plot(eps, rates, "o-", lw=1.2, ms=3, label=TITLES[name])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set_ylim(-0.02, 1.02)
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("L-inf budget eps (x 1/255)")
+    ax.set_ylabel("misclassified and not flagged")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left",
+              title=f"n = {content['n']}; clean flagged {content['clean_flagged']:.3f}",
+              title_fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def markdown_table(content: dict[str, Any]) -> str:

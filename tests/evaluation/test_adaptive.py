@@ -312,12 +312,15 @@ def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
     """python benchmarks/adaptive.py, run as a user runs it."""
     out = tmp_path / "adaptive.json"
     subprocess.run([sys.executable, "benchmarks/adaptive.py", "--bundle", str(bundle_dir),
-                    "--dataset", "digits", "--n", "40", "--n-blackbox", "10", "--eps", "0.2",
+                    "--dataset", "digits", "--n", "40", "--n-blackbox", "10", "--eps", "1/5",
                     "--steps", "10", "--surrogate-images", "30", "--square-queries", "20",
-                    "--lambdas", "0", "1", "--json", str(out), "--quiet"],
+                    "--lambdas", "0", "1", "--restarts", "2", "--json", str(out),
+                    "--plot", str(tmp_path / "curve.png"), "--quiet"],
                    cwd=ROOT, check=True, capture_output=True, text=True)
     content = json.loads(out.read_text())
     assert content["n"] == 40 and content["n_blackbox"] == 10
+    assert content["config"]["restarts"] == 2 and content["config"]["surrogate"] == "mlp"
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # evaluated images come from the half of the test split the detector was not fitted on
     perm = torch.randperm(450, generator=torch.Generator().manual_seed(0)).numpy()
     assert set(content["image_ids"]) <= set(perm[225:].tolist())
