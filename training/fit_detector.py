@@ -278,13 +278,13 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             attach_stability(model, sets, stability)
         profile = profile.with_stability(stability)
     fitted = {s.label for s in fit_specs}
-    name = f"{spec.arch}-{data.name}"
+    bundle_name = f"{spec.arch}-{data.name}"
     macs = network_macs(model, spec.input_shape)
     if positive_specs:  # fit once, attack that detector adaptively, fit on its examples too
         first = fit_on_sets(PathDetector(model=args.detector, target_fpr=args.target_fpr,
                                          random_state=args.seed),
                             profile.with_features(include_raw=args.raw_features), fit_sets)
-        save_bundle(out / FIRST_FIT, name=name, model=model, spec=spec,
+        save_bundle(out / FIRST_FIT, name=bundle_name, model=model, spec=spec,
                     profile=profile.with_features(include_raw=args.raw_features),
                     detector=first, network_macs=macs, metrics={"clean_accuracy": clean_acc})
         extra = adaptive_positives(load_bundle(out / FIRST_FIT), fit_sets, positive_specs,
@@ -331,7 +331,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
 
     def write_bundle() -> None:
         summary = {k: evaluation["attacks"][k].get("auroc") for k in evaluation["attacks"]}
-        save_bundle(out / "bundle", name=name, model=model, spec=spec, profile=profile,
+        save_bundle(out / "bundle", name=bundle_name, model=model, spec=spec, profile=profile,
                     detector=detector, network_macs=macs,
                     metrics={"clean_accuracy": clean_acc, "auroc": summary,
                              "worst_auroc": evaluation["worst"]["auroc"]})
@@ -350,7 +350,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         write_bundle()  # the manifest's summary with the adaptive attacks
 
     metrics: dict[str, Any] = {
-        "name": name,
+        "name": bundle_name,
         "config": {
             "dataset": args.dataset, "checkpoint": str(checkpoint), "arch": spec.arch,
             "detector": args.detector, "raw_features": args.raw_features,

@@ -205,9 +205,12 @@ def test_adaptive_attacks_by_name_need_the_defence(bundle, images) -> None:
     assert not AttackSpec.parse("pgd:0.1").adaptive
 
 
-@pytest.mark.parametrize("text", ["pgd-aware:0.2", "square-aware:0.2"])
-def test_adaptive_attacks_by_name_stay_in_the_ball(bundle, images, text) -> None:
-    """By name through evaluation.attacks: the same attacks, against the defence's bundle."""
+@pytest.mark.parametrize(("text", "attacked"), [("pgd-aware:0.2", "logistic_bundle"),
+                                                ("square-aware:0.2", "bundle")])
+def test_adaptive_attacks_by_name_stay_in_the_ball(request, images, text, attacked) -> None:
+    """By name through evaluation.attacks: the same attacks, against the defence's bundle
+    (pgd-aware with a fitted surrogate is exercised by the fit_detector fixture)."""
+    bundle = request.getfixturevalue(attacked)
     x, y = images
     defence = Defence(bundle, x[32:48], y[32:48])  # fitting images: not the attacked ones
     spec = AttackSpec.parse(text)

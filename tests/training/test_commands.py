@@ -145,7 +145,7 @@ def test_train_errors_exit_2_naming_the_value(argv, named, capsys, tmp_path):
 def test_train_in_bfloat16(tmp_path):
     """bf16 autocast trains (the weights stay float32) and is recorded in the config."""
     out = tmp_path / "bf16"
-    train_cmd.cli(["--epochs", "3", "--batch-size", "64", "--precision", "bf16",
+    train_cmd.cli(["--epochs", "2", "--batch-size", "64", "--precision", "bf16",
                    "--out", str(out), "--quiet"])
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
