@@ -231,8 +231,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--refit-rounds must be >= 0, got {args.refit_rounds}")
     if args.n_blackbox is not None and args.n_blackbox < 0:
         parser.error(f"--n-blackbox must be >= 0, got {args.n_blackbox}")
-    if any(not 0.0 < e <= 1.0 for e in args.eps):
-        parser.error(f"--eps values must be in (0, 1], got {args.eps}")
+    for name in ("json", "plot"):  # refused now, not after a long run
+        path = getattr(args, name)
+        if path is not None and path.is_dir():
+            parser.error(f"--{name} {path} is a directory; give a file name")
     if any(lam < 0 for lam in args.lambdas):
         parser.error(f"--lambdas must be >= 0, got {args.lambdas}")
     if args.alpha_factor <= 0:

@@ -36,14 +36,14 @@ def attach_stability(model: nn.Module, sets: Sets, stability: Sequence[str],
     to every path batch of ``sets`` (clean, adversarial, benign) that has none yet, computed
     from their images; the sets' own paths are kept, not recomputed."""
     sets.clean_paths = paths_with_companions(model, sets.x_clean, sets.clean_paths, stability,
-                                      batch_size)
+                                             batch_size)
     for s in [*sets.adversarial.values(), *([sets.benign] if sets.benign else [])]:
         if s.paths is not None:
             s.paths = paths_with_companions(model, s.x, s.paths, stability, batch_size)
 
 
 def paths_with_companions(model: nn.Module, x: torch.Tensor, paths: PathBatch,
-                   stability: Sequence[str], batch_size: int = 256) -> PathBatch:
+                          stability: Sequence[str], batch_size: int = 256) -> PathBatch:
     """``paths`` (of x: (N, C, H, W) in [0, 1]) with the companions of the ``stability``
     transforms they lack: one pass of each transformed copy of x, in batches."""
     missing = [t for t in stability if t not in paths.companions]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -280,19 +280,18 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     fitted = {s.label for s in fit_specs}
     bundle_name = f"{spec.arch}-{data.name}"
     macs = network_macs(model, spec.input_shape)
+    fitting = fit_sets  # what the detectors are fitted on; adversarial.npz keeps fit_sets
     if positive_specs:  # fit once, attack that detector adaptively, fit on its examples too
+        served = profile.with_features(include_raw=args.raw_features)
         first = fit_on_sets(PathDetector(model=args.detector, target_fpr=args.target_fpr,
-                                         random_state=args.seed),
-                            profile.with_features(include_raw=args.raw_features), fit_sets)
-        save_bundle(out / FIRST_FIT, name=bundle_name, model=model, spec=spec,
-                    profile=profile.with_features(include_raw=args.raw_features),
+                                         random_state=args.seed), served, fit_sets)
+        save_bundle(out / FIRST_FIT, name=bundle_name, model=model, spec=spec, profile=served,
                     detector=first, network_macs=macs, metrics={"clean_accuracy": clean_acc})
         extra = adaptive_positives(load_bundle(out / FIRST_FIT), fit_sets, positive_specs,
                                    seed=args.seed + 4, square_queries=args.square_queries)
         for label, s in extra.items():
             log.info("%s: %d fitting positives", label, len(s.y))
-        fit_sets.adversarial.update(extra)
-        fitted |= set(extra)
+        fitting = replace(fit_sets, adversarial={**fit_sets.adversarial, **extra})
     # benign changes of every evaluation image, right or wrong, for the classifier's accuracy
     x_all, y_all = to_float(data.x_test[eval_ids]), data.y_test[eval_ids]
     shift_correct = (predict(model, x_all) == y_all).numpy()
@@ -315,7 +314,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         if not groups and not raw:
             raise ValueError(f"variant {_variant_name(name, raw, without)!r} leaves no features")
         detector = PathDetector(model=name, target_fpr=args.target_fpr, random_state=args.seed)
-        res = evaluate_variant(detector, profile.with_features(groups), raw, fit_sets,
+        res = evaluate_variant(detector, profile.with_features(groups), raw, fitting,
                                eval_sets, shift_paths, y_all.numpy(), fitted, seed=args.seed,
                                clean_correct=shift_correct)
         results[_variant_name(name, raw, without)] = res
@@ -367,7 +366,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         },
         "clean_accuracy": clean_acc,
         "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
-        "n_fit_positives": {label: len(a.y) for label, a in fit_sets.adversarial.items()},
+        "n_fit_positives": {label: len(a.y) for label, a in fitting.adversarial.items()},
         "threshold": detector.threshold_, "threshold_clean_fpr": detector.clean_fpr_,
         "evaluation": evaluation,
         "variants": {k: {"auroc": {a: m.get("auroc", float("nan")) for a, m in
@@ -384,9 +383,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
               results[_variant_name(*main_variant)]["scores"]["attacks"], out / "roc.png",
               f"{metrics['name']}: detector ROC on held-out images")
     (out / "report.md").write_text(markdown_report(metrics))
-    if not reused:  # the adaptive positives are crafted again each run, like adaptive attacks
-        for label in [k for k in fit_sets.adversarial if k not in {s.label for s in fit_specs}]:
-            del fit_sets.adversarial[label]
+    if not reused:  # without the adaptive positives: crafted again each run, like adaptive attacks
         np.savez_compressed(out / ADVERSARIAL, **sets_to_arrays(fit_sets, "fit"),
                             **sets_to_arrays(eval_sets, "eval"))
     print(_summary(metrics, out))  # noqa: T201

@@ -267,13 +267,17 @@ def test_fit_detector_evaluates_adaptive_attacks_after_fitting(bundle_dir: Path)
     assert labels == {"FGSM eps=0.2"}
 
 
-def test_fit_detector_refuses_fitting_on_adaptive_attacks(tiny_decoupled_checkpoint, tmp_path,
-                                                         capsys) -> None:
+@pytest.mark.parametrize(("option", "attack", "message"), [
+    ("--fit-attacks", "pgd-aware:0.2", "--fit-attacks: adaptive attacks"),
+    ("--adaptive-positives", "pgd:0.2", "--adaptive-positives takes adaptive attacks only"),
+])
+def test_fit_detector_refuses_adaptive_attacks_where_they_cannot_go(
+        tiny_decoupled_checkpoint, tmp_path, capsys, option, attack, message) -> None:
     with pytest.raises(SystemExit) as e:
-        fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--fit-attacks",
-                          "pgd-aware:0.2", "--out", str(tmp_path / "out"), "--quiet"])
+        fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), option, attack,
+                          "--out", str(tmp_path / "out"), "--quiet"])
     assert e.value.code == 2
-    assert "--fit-attacks: adaptive attacks" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -299,16 +303,6 @@ def test_fit_detector_fits_on_adaptive_positives(tiny_decoupled_checkpoint, tmp_
     with np.load(out / "adversarial.npz") as f:
         labels = {str(f[k]) for k in f.files if k.startswith("fit_adv") and k.endswith("_label")}
     assert labels == {"FGSM eps=0.2"}
-
-
-def test_fit_detector_adaptive_positives_must_be_adaptive(tiny_decoupled_checkpoint, tmp_path,
-                                                          capsys) -> None:
-    with pytest.raises(SystemExit) as e:
-        fit_detector.cli(["--checkpoint", str(tiny_decoupled_checkpoint), "--adaptive-positives",
-                          "pgd:0.2", "--out", str(tmp_path / "out"), "--quiet"])
-    assert e.value.code == 2
-    assert "--adaptive-positives takes adaptive attacks only" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
@@ -340,12 +334,14 @@ def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
         attacks["adaptive"]["evaded"] * 40)
 
 
-def test_bad_values_exit_2(bundle_dir) -> None:
+@pytest.mark.parametrize(("extra", "named"), [(["--eps", "0"], "--eps"),
+                                              (["--plot", "."], "--plot")])
+def test_bad_values_exit_2(bundle_dir, extra, named) -> None:
     done = subprocess.run([sys.executable, "benchmarks/adaptive.py", "--bundle",
-                           str(bundle_dir), "--dataset", "digits", "--eps", "0"],
+                           str(bundle_dir), "--dataset", "digits", *extra],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2
-    assert "--eps" in done.stderr
+    assert named in done.stderr
 
 
 def test_objectives_by_hand() -> None:
