@@ -48,7 +48,8 @@ class GatedConv(nn.Module):
     """
 
     def __init__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, reduction: int = 4,
-                 pool: nn.Module | None = None, normalize_gate_input: bool = False) -> None:
+                 pool: nn.Module | None = None, normalize_gate_input: bool = False,
+                 initial_gate_logit: float = 1.0) -> None:
         super().__init__()
         self.name = name
         self.bn_slot = "bn"  # attribute of the parent that held ``bn`` (set by decouple)
@@ -57,7 +58,7 @@ class GatedConv(nn.Module):
         self.pool = pool
         self.bn = bn
         self.control = ControlModule(conv.in_channels, conv.out_channels, reduction,
-                                     normalize_gate_input)
+                                     normalize_gate_input, initial_gate_logit)
 
     @property
     def control_macs(self) -> int:

@@ -38,11 +38,12 @@ def _bn_partner(parent: nn.Module, conv_attr: str) -> str | None:
 
 
 def decouple(model: nn.Module, reduction: int = 4,
-             normalize_gate_input: bool = False) -> nn.Module:
+             normalize_gate_input: bool = False, initial_gate_logit: float = 1.0) -> nn.Module:
     """Return a gated copy of ``model`` (the argument is left untouched).
 
     ``reduction`` is the control modules' bottleneck factor; ``normalize_gate_input``
-    standardises their pooled input (see :class:`~detector.control.ControlModule`).
+    standardises their pooled input and ``initial_gate_logit`` sets the gates' starting logit
+    (see :class:`~detector.control.ControlModule`; 1.0 is the authors' initialisation).
 
     Raises ValueError naming the module if a conv has no BatchNorm2d partner, if the model has
     no conv beyond its stem, or if it is already decoupled.
@@ -66,7 +67,8 @@ def decouple(model: nn.Module, reduction: int = 4,
         pool_attr = _pool_partner(parent, attr)
         pool = None if pool_attr is None else getattr(parent, pool_attr)
         gated = GatedConv(name, conv, bn, reduction, pool=pool,
-                          normalize_gate_input=normalize_gate_input)
+                          normalize_gate_input=normalize_gate_input,
+                          initial_gate_logit=initial_gate_logit)
         gated.bn_slot = bn_attr
         gated.pool_slot = pool_attr
         setattr(parent, attr, gated)

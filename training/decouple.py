@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "training, running ones at inference), so that small differences "
                         "between images reach the gates (default: the preset's: on for "
                         "CIFAR-10, else off)")
+    g.add_argument("--gate-init-logit", type=float, default=1.0,
+                   help="mean starting logit of the new gates (FC2 bias): 1 is the authors' "
+                        "initialisation (about a quarter of the filters start closed at "
+                        "random); 4 starts them almost all open, for a base with little accuracy "
+                        "to spare such as an adversarially trained one (default: %(default)s)")
     g.add_argument("--gate-lr-mult", type=positive(float), default=None,
                    help="peak learning rate of the new gates (and MI heads) relative to --lr; "
                         "they start from scratch while the conv weights are fine-tuned "
@@ -179,6 +184,7 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
         "recipe": recipe_name,
         "augment": preset.augment if args.augment is None else args.augment,
         "reduction": args.reduction, "gate_input_norm": gate_norm,
+        "gate_init_logit": args.gate_init_logit,
         "gate_lr_mult": gate_lr_mult,
         "loss_weights": asdict(weights), "isolate_gates": isolate,
         "seed": args.seed,
@@ -190,7 +196,8 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     adversarial = AdversarialTraining.from_args(args, data)
     base_test = evaluate(base, data.x_test, data.y_test)
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
-    model = (init if init is not None else decouple(base, args.reduction, gate_norm))
+    model = (init if init is not None else decouple(base, args.reduction, gate_norm,
+                                                           args.gate_init_logit))
     model = model.to(args.device)
     layers = gated_layers(model)
     loss_fn = DecouplingLoss({n: m.conv.out_channels for n, m in layers.items()},

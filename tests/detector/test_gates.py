@@ -51,6 +51,15 @@ def test_control_module_init_opens_most_gates():
     assert 0.6 < (logits > 0).float().mean() < 0.9
 
 
+def test_control_module_initial_logit_opens_almost_every_gate():
+    torch.manual_seed(1)
+    logits = torch.cat([ControlModule(64, 64, initial_logit=4.0)(torch.rand(1, 64, 2, 2))
+                        for _ in range(20)], 1)
+    # logits ~ N(4, 2): all but a fraction of a percent start open
+    assert (logits > 0).float().mean() > 0.98
+    assert abs(logits.mean().item() - 4.0) < 0.5
+
+
 def test_control_module_hidden_width_has_floor():
     assert ControlModule(8, 3).fc1.out_features == 4
     assert ControlModule(64, 3, reduction=8).fc1.out_features == 8
