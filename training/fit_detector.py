@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare the bundled detector with each feature group left out")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: runs/<dataset>/detector)")
+    p.add_argument("--name", default=None,
+                   help="the bundle's name, which the server reports (default: "
+                        "<arch>-<dataset>, e.g. airbench-cifar10)")
     p.add_argument("--reuse-attacks", action="store_true",
                    help="take the fitting and evaluation sets from <out>/adversarial.npz of an "
                         "earlier run with the same checkpoint, images and attacks instead of "
@@ -278,7 +281,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             attach_stability(model, sets, stability)
         profile = profile.with_stability(stability)
     fitted = {s.label for s in fit_specs}
-    bundle_name = f"{spec.arch}-{data.name}"
+    bundle_name = args.name or f"{spec.arch}-{data.name}"
     macs = network_macs(model, spec.input_shape)
     fitting = fit_sets  # what the detectors are fitted on; adversarial.npz keeps fit_sets
     if positive_specs:  # fit once, attack that detector adaptively, fit on its examples too

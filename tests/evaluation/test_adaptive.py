@@ -291,12 +291,14 @@ def test_fit_detector_fits_on_adaptive_positives(tiny_decoupled_checkpoint, tmp_
                       "--max-eval", "20", "--max-profile", "300", "--fit-attacks", "fgsm:0.2",
                       "--adaptive-positives", "pgd-aware:0.2", "--eval-attacks", "fgsm:0.2",
                       "pgd-aware:0.2", "--detector", "logistic", "--compare", "--stability",
-                      "--out", str(out), "--threads", "1", "--quiet"])
+                      "--name", "digits-hardened", "--out", str(out), "--threads", "1",
+                      "--quiet"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["adaptive_positives"] == ["PGD-AWARE eps=0.2"]
     positives = metrics["n_fit_positives"]
     assert positives["PGD-AWARE eps=0.2 vs first fit"] > 0 and positives["FGSM eps=0.2"] > 0
     first, final = load_bundle(out / "first_fit_bundle"), load_bundle(out / "bundle")
+    assert first.name == final.name == metrics["name"] == "digits-hardened"  # --name
     x, _ = images
     assert not np.allclose(first.analyze(x).scores, final.analyze(x).scores)  # fitted again
     assert "PGD-AWARE eps=0.2" in metrics["evaluation"]["attacks"]
