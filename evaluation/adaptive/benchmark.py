@@ -197,7 +197,7 @@ def plot_curves(content: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
     ax.set_xlabel("L-inf budget eps (x 1/255)")
-    ax.set_ylabel("misclassified and not flagged")
+    ax.set_ylabel("misclassified and not flagged\n(at some budget <= eps)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left",
               title=f"n = {content['n']}; clean flagged {content['clean_flagged']:.3f}",
