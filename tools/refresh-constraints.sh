@@ -7,8 +7,9 @@
 #
 # It creates an empty virtual environment in a temporary directory, installs the package with
 # every extra (`pip install -e ".[train,dev,bench,ray]"`, WITHOUT the old constraints, so pip picks
-# the newest versions pyproject.toml's ranges allow), runs `ruff check . && python -m pytest`
-# in it and, only if that passes, writes what `pip freeze` lists (less pip) to constraints.txt.
+# the newest versions pyproject.toml's ranges allow), runs the README's test command
+# (`ruff check . && python -m pytest -n 2 --dist loadfile`) in it and, only if that passes,
+# writes what `pip freeze` lists (less pip) to constraints.txt.
 # Review the diff (`git diff constraints.txt`) and commit it with pyproject.toml if that changed.
 #
 # Settings (environment): PYTHON (default python3.11 if present, else python3) is the
@@ -39,10 +40,10 @@ start=$SECONDS
 say "installed in $((SECONDS - start)) s"
 
 if [ "$test_suite" = 1 ]; then
-  say "ruff check . && python -m pytest (in the new environment)"
+  say "ruff check . && python -m pytest -n 2 --dist loadfile (in the new environment)"
   start=$SECONDS
   (PATH="$work/venv/bin:$PATH" VIRTUAL_ENV="$work/venv" && export PATH VIRTUAL_ENV \
-    && ruff check . && python -m pytest -q) || { say "the suite failed: constraints.txt kept"; exit 1; }
+    && ruff check . && python -m pytest -q -n 2 --dist loadfile) || { say "the suite failed: constraints.txt kept"; exit 1; }
   say "suite passed in $((SECONDS - start)) s"
 fi
 
