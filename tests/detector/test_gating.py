@@ -126,6 +126,18 @@ def test_reduction_sets_gate_bottleneck():
     assert layer.control.fc2.out_features == 64
 
 
+def test_initial_gate_logit_opens_every_layer_at_first():
+    base = create_model("airbench", widths=(8, 16, 16)).eval()
+    model = decouple(base, initial_gate_logit=6.0).eval()
+    for layer in gated_layers(model).values():
+        assert torch.all(layer.control.fc2.bias == 6.0)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad(), recording() as r:
+        out = model(x)
+    assert all(rec.gates.all() for rec in r.records.values())  # every filter open
+    torch.testing.assert_close(out, base(x))  # hence the base network's outputs
+
+
 def test_conv_without_bn_in_sequential_raises_naming_it():
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
