@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a uniformly random point of the ball (default: the image)")
     g.add_argument("--grid", action="store_true",
                    help="keep every iterate on the 1/255 grid, perturbation rounded towards "
-                        "zero (attacks through 8-bit uploads; default: float iterates, what the "
-                        "exact FP32 tensor endpoint accepts)")
+                        "zero (attacks through 8-bit uploads; each step must be at least 1/255, "
+                        "e.g. --steps 20 --alpha-factor 5 from eps 4/255; default: float "
+                        "iterates, what the exact FP32 tensor endpoint accepts)")
     g.add_argument("--surrogate", choices=(*SURROGATES, "shipped", "auto"), default="auto",
                    help="differentiable stand-in of the detector, fitted to its flags, or "
                         "'shipped': the detector's own score (exact for logistic and mlp "

@@ -58,6 +58,14 @@ class PGDConfig:
     random_start: bool = False
     grid: bool = False
 
+    def __post_init__(self) -> None:
+        # On the grid every iterate's perturbation is rounded towards zero: a step below one
+        # grid unit is undone at once and the attack never leaves its start.
+        if self.grid and self.alpha * 255.0 < 1.0 - 1e-6:
+            raise ValueError(f"a PGD step on the 1/255 grid must be at least 1/255, got "
+                             f"{self.alpha * 255:.3g}/255 (eps {self.eps * 255:.3g}/255 over "
+                             f"{self.steps} steps): take a larger step or fewer steps")
+
 
 @dataclass
 class Iterates:

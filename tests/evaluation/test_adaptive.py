@@ -145,6 +145,21 @@ def test_adaptive_pgd_stays_in_the_ball(bundle, images) -> None:
     assert torch.allclose(q * 255, (q * 255).round(), atol=1e-3)
 
 
+def test_adaptive_pgd_on_the_grid_moves_in_whole_grid_steps(bundle, images) -> None:
+    """--grid: every iterate on the 1/255 grid (what a PNG carries); a step below one grid unit
+    would be rounded away at once, so it is refused."""
+    x, y = images
+    xq = (x[:16] * 255).round() / 255  # digits are on a 1/16 grid: move them onto 1/255
+    cfg = PGDConfig(eps=0.1, alpha=8 / 255, steps=5, grid=True)
+    res = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0]).run(xq, y[:16])
+    assert torch.allclose(res.x_adv * 255, (res.x_adv * 255).round(), atol=1e-3)
+    assert (res.x_adv - xq).abs().max() <= 0.1 + 1e-6
+    assert (res.x_adv - xq).abs().max() >= 8 / 255 - 1e-6  # it does leave its start
+    with pytest.raises(ValueError, match="at least 1/255"):
+        PGDConfig(eps=4 / 255, alpha=2.5 * (4 / 255) / 100, steps=100, grid=True)
+    PGDConfig(eps=4 / 255, alpha=2.5 * (4 / 255) / 100, steps=100)  # fine off the grid
+
+
 def test_detector_aware_margin() -> None:
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 2.0, 0.0], [3.0, 1.0, 0.0]])
     y = torch.tensor([0, 0, 0, 0])
