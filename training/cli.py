@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from fractions import Fraction
@@ -107,13 +108,26 @@ def check_arch(arch: str, data: ImageData) -> None:
                          f"(needs at least {side}x{side})")
 
 
+def finite(text: str) -> float:
+    """argparse type: a finite real number (not nan or inf), error naming the bad value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """argparse type: a positive number, error naming the bad value."""
+    """argparse type: a positive finite number, error naming the bad value."""
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return value

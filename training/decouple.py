@@ -44,6 +44,7 @@ from training.cli import (
     add_adversarial_args,
     add_data_args,
     add_runtime_args,
+    finite,
     load_data,
     positive,
     run_command,
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "training, running ones at inference), so that small differences "
                         "between images reach the gates (default: the preset's: on for "
                         "CIFAR-10, else off)")
-    g.add_argument("--gate-init-logit", type=float, default=1.0,
+    g.add_argument("--gate-init-logit", type=finite, default=1.0,
                    help="mean starting logit of the new gates (FC2 bias): 1 is the authors' "
                         "initialisation (about a quarter of the filters start closed at "
                         "random); 4 starts them almost all open, for a base with little accuracy "

@@ -207,6 +207,8 @@ def test_train_too_small_images_message(capsys, tmp_path):
     (["--dataset", "no-such-data"], "no-such-data"),
     (["--recipe", "adam"], "adam"),
     (["--adversarial-eps", "0"], "'0'"),
+    (["--gate-init-logit", "nan"], "'nan'"),
+    (["--lr", "inf"], "'inf'"),
 ])
 def test_decouple_errors_exit_2_naming_the_value(argv, named, capsys, base_run, tmp_path):
     err = run_error(decouple_cmd.cli,
