@@ -280,7 +280,6 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         for sets in (fit_sets, eval_sets):
             attach_stability(model, sets, stability)
         profile = profile.with_stability(stability)
-    fitted = {s.label for s in fit_specs}
     bundle_name = args.name or f"{spec.arch}-{data.name}"
     macs = network_macs(model, spec.input_shape)
     fitting = fit_sets  # what the detectors are fitted on; adversarial.npz keeps fit_sets
@@ -295,6 +294,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         for label, s in extra.items():
             log.info("%s: %d fitting positives", label, len(s.y))
         fitting = replace(fit_sets, adversarial={**fit_sets.adversarial, **extra})
+    fitted = {s.label for s in fit_specs} | set(fitting.adversarial)  # adaptive positives too
     # benign changes of every evaluation image, right or wrong, for the classifier's accuracy
     x_all, y_all = to_float(data.x_test[eval_ids]), data.y_test[eval_ids]
     shift_correct = (predict(model, x_all) == y_all).numpy()
@@ -343,7 +343,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         main_result = results[_variant_name(*main_variant)]
         attacks, scores = evaluate_adaptive(
             load_bundle(out / "bundle"), eval_sets, adaptive_specs, x_fit=x_fit, y_fit=y_fit,
-            seed=args.seed + 1, metrics_seed=args.seed, square_queries=args.square_queries)
+            seed=args.seed + 1, metrics_seed=args.seed, square_queries=args.square_queries,
+            fitted=fitted)
         main_result["attacks"].update(attacks)  # the same dict as evaluation["attacks"]
         main_result["scores"]["attacks"].update(scores)
         main_result["worst"] = evaluation["worst"] = worst_case(main_result["attacks"])

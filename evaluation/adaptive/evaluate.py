@@ -10,7 +10,7 @@ detector variants that are only compared are not attacked adaptively.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,16 +63,18 @@ def adaptive_positives(bundle: Bundle, fit: Sets, specs: Sequence[AttackSpec], *
 
 def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSpec], *,
                       x_fit: torch.Tensor, y_fit: torch.Tensor, seed: int, metrics_seed: int,
-                      square_queries: int) -> tuple[dict[str, dict[str, Any]],
-                                                    dict[str, np.ndarray]]:
+                      square_queries: int, fitted: Iterable[str] = ()
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Craft each adaptive attack of ``specs`` against ``bundle`` on the clean images of
     ``evaluation`` (all, or the first share of them: :meth:`AttackSpec.images`; seeded by
     ``seed``), and measure the bundle's detector on them.
 
     x_fit (M, C, H, W) in [0, 1], y_fit (M,): fitting-side images on which ``pgd-aware`` fits
     its surrogate (never the evaluated ones). Returns per attack label the metrics of
-    :func:`evaluation.metrics.attack_metrics` (bootstrap seeded by ``metrics_seed``; never
-    fitted, ``"adaptive": True``) and the detector's scores of its successful examples (Na,).
+    :func:`evaluation.metrics.attack_metrics` (bootstrap seeded by ``metrics_seed``; fitted
+    and family-fitted as judged from the detector's fitting labels ``fitted``, which include
+    any adaptive positives; ``"adaptive": True``) and the detector's scores of its successful
+    examples (Na,).
     """
     sets = craft_adaptive(bundle, evaluation, specs, x_fit=x_fit, y_fit=y_fit, seed=seed,
                           square_queries=square_queries)
@@ -85,7 +87,7 @@ def evaluate_adaptive(bundle: Bundle, evaluation: Sets, specs: Sequence[AttackSp
     attacks = attack_metrics(scores(evaluation.clean_paths), advs,
                              float(bundle.detector.threshold_),
                              attempts={label: s.attempts for label, s in sets.items()},
-                             fitted=(), seed=metrics_seed)
+                             fitted=fitted, seed=metrics_seed)
     for m in attacks.values():
         m["adaptive"] = True
     return attacks, advs

@@ -317,6 +317,7 @@ def test_fit_detector_fits_on_adaptive_positives(tiny_decoupled_checkpoint, tmp_
     x, _ = images
     assert not np.allclose(first.analyze(x).scores, final.analyze(x).scores)  # fitted again
     assert "PGD-AWARE eps=0.2" in metrics["evaluation"]["attacks"]
+    assert metrics["evaluation"]["attacks"]["PGD-AWARE eps=0.2"]["family_fitted"]
     with np.load(out / "adversarial.npz") as f:
         labels = {str(f[k]) for k in f.files if k.startswith("fit_adv") and k.endswith("_label")}
     assert labels == {"FGSM eps=0.2"}
