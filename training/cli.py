@@ -119,6 +119,14 @@ def finite(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type: a number in [0, 1], error naming the bad value."""
+    value = finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     """argparse type: a positive finite number, error naming the bad value."""
     def parse(text: str) -> int | float:

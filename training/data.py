@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluation.shifts import random_benign_changes
 from training.recipe import Augmentation
 
 
@@ -211,10 +212,28 @@ def batches_in_order(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batc
     if augment is not None and augment.alternate_flip:
         flips = (torch.rand(len(y), generator=torch.Generator().manual_seed(seed)) < 0.5)
         flips ^= bool(epoch % 2)
+    elif augment is not None and not augment.flip:
+        flips = torch.zeros(len(y), dtype=torch.bool)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         xb = to_float(x[idx])
-        if augment is not None:
+        if augment is not None and augment.crops_or_flips:
             xb = augment_crop_flip(xb, generator, augment.translate, augment.padding,
                                    None if flips is None else flips[idx])
+        if augment is not None and augment.benign > 0:
+            xb = with_benign_changes(xb, augment.benign, generator)
         yield xb, y[idx]
+
+
+def with_benign_changes(x: torch.Tensor, share: float, generator: torch.Generator
+                        ) -> torch.Tensor:
+    """x (B, C, H, W) float in [0, 1] with each image replaced, with probability ``share``, by
+    one random benign change of itself (:func:`evaluation.shifts.random_benign_changes`);
+    the choices come from ``generator``."""
+    pick = torch.nonzero(torch.rand(len(x), generator=generator) < share).view(-1)
+    if len(pick) == 0:
+        return x
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    out = x.clone()
+    out[pick] = random_benign_changes(x[pick], seed)
+    return out

@@ -48,6 +48,7 @@ from training.cli import (
     load_data,
     positive,
     run_command,
+    share,
 )
 from training.distributed import Rank, process_group
 from training.engine import collect_paths, evaluate, fit
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="the recipe's translation + flip augmentation (default: on for colour "
                         "data sets)")
+    g.add_argument("--benign-augment", type=share, default=None, metavar="SHARE",
+                   help="share in [0, 1] of every batch replaced by a random benign change "
+                        "(noise, JPEG, brightness, contrast, shift, rotation), so that the "
+                        "classifier survives them (default: the preset's: 0.5 for MNIST, else 0)")
     g.add_argument("--reduction", type=positive(int), default=4,
                    help="bottleneck factor of the gates' FC1, C_in -> C_in/r "
                         "(default: %(default)s)")
@@ -184,6 +189,8 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
         "lr": args.lr or preset.decouple_lr, "weight_decay": weight_decay,
         "recipe": recipe_name,
         "augment": preset.augment if args.augment is None else args.augment,
+        "benign_augment": (preset.benign_augment if args.benign_augment is None
+                           else args.benign_augment),
         "reduction": args.reduction, "gate_input_norm": gate_norm,
         "gate_init_logit": args.gate_init_logit,
         "gate_lr_mult": gate_lr_mult,
@@ -233,6 +240,7 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     history = fit(model, x_train, y_train, step, groups, epochs=config["epochs"],
                   batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=weight_decay, augment=config["augment"],
+                  benign_augment=config["benign_augment"],
                   seed=args.seed, desc=f"decouple {base_spec.arch}",
                   precision=args.precision, recipe=recipe,
                   before_epoch=whiten_bias_schedule(model, 0),  # the stem stays as trained

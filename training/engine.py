@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from detector.paths import compute_path
 from training import distributed
 from training.data import batches
-from training.recipe import ONE_CYCLE, Lookahead, Recipe
+from training.recipe import ONE_CYCLE, Augmentation, Lookahead, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def fit(
     lr: float,
     weight_decay: float = 5e-4,
     augment: bool = False,
+    benign_augment: float = 0.0,
     seed: int = 0,
     desc: str = "train",
     precision: str = "fp32",
@@ -55,7 +57,9 @@ def fit(
     do not require gradients are skipped. Batches go to the device of the model's parameters.
     ``precision="bf16"`` runs ``loss_step`` under bfloat16 autocast (weights and optimiser stay
     float32): about 3.7x faster on CPUs with AMX/AVX-512 BF16, slower on CPUs without them.
-    ``augment=True`` applies the recipe's augmentation. ``before_epoch(epoch)`` runs before each
+    ``augment=True`` applies the recipe's augmentation; ``benign_augment`` in [0, 1] replaces
+    that share of every batch by random benign changes (:class:`~training.recipe.Augmentation`'s
+    ``benign``), with or without it. ``before_epoch(epoch)`` runs before each
     epoch (e.g. to freeze a parameter); ``after_epoch(epoch)`` runs after it (the model in train
     mode, on rank 0 alone under torchrun) and returns measurements (e.g. robust accuracy) that
     join that epoch's entry. With the recipe's lookahead, the returned model holds the
@@ -89,6 +93,9 @@ def fit(
     model.to(memory_format=memory_format)
     lookahead = Lookahead(model) if recipe.lookahead_every else None
     augmentation = recipe.augmentation if augment else None
+    if benign_augment > 0:
+        augmentation = replace(augmentation or Augmentation(translate=0, flip=False),
+                               benign=benign_augment)
     device = next(model.parameters()).device
     history = []
     bar = tqdm(total=total, desc=desc, unit="batch", mininterval=2.0,

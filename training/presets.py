@@ -33,6 +33,7 @@ class Preset:
     gate_lr_mult: float = 10.0  # peak learning rate of new gates and MI heads relative to lr
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. airbench's widths
     gate_input_norm: bool = False  # standardise the control modules' pooled input
+    benign_augment: float = 0.0  # share of each batch given a random benign change
 
 
 # airbench's lr 11.5 and weight decay 0.0153 "per 1024 examples" at momentum 0.85, batch 1024
@@ -41,7 +42,9 @@ _AIRBENCH_LR, _AIRBENCH_WD = airbench_sgd(11.5, 0.0153, AIRBENCH.momentum, 1024)
 
 PRESETS = {
     "digits": Preset("small_cnn", 30, 64, 0.05, False, 15, 0.02, 0.7),
-    "mnist": Preset("small_cnn", 4, 128, 0.1, False, 6, 0.02, 0.7),
+    # half of every batch noised, re-encoded, brightened, contrasted, shifted or rotated:
+    # trained without it, the classifier fell to 9 % under brightness +0.1 (RESULTS 2.9)
+    "mnist": Preset("small_cnn", 4, 128, 0.1, False, 6, 0.02, 0.7, benign_augment=0.5),
     # airbench at half its published widths (a full-width epoch takes ~12 min on two AVX2
     # cores), decoupled with the same recipe at a fifth of its learning rate, isolated gates and
     # distillation (without them ResNet-20 lost 10+ points) and standardised gate inputs

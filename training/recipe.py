@@ -30,16 +30,32 @@ BN_BIAS_LR_MULT = 64.0
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random translation by up to ``translate`` pixels and horizontal flips.
+    """Random translation by up to ``translate`` pixels, horizontal flips and benign changes.
 
     padding: "constant" (zeros) or "reflect" for the pixels shifted in.
+    flip: flip images horizontally (off for digits, whose mirror image is another symbol).
     alternate_flip: each image is flipped on every other epoch (which half starts flipped is
         random per image) instead of with probability 1/2 in every epoch.
+    benign: share in [0, 1] of each batch replaced by one random benign change of itself
+        (noise, JPEG, brightness, contrast, a shift or a rotation, at strengths around the
+        evaluated ones: :func:`evaluation.shifts.random_benign_changes`), so that the
+        classifier keeps working on the changes a deployment sees.
     """
 
     translate: int = 4
     padding: str = "constant"
+    flip: bool = True
     alternate_flip: bool = False
+    benign: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.benign <= 1.0:
+            raise ValueError(f"benign share must be in [0, 1], got {self.benign}")
+
+    @property
+    def crops_or_flips(self) -> bool:
+        """Whether the translation + flip step changes anything."""
+        return self.translate > 0 or self.flip or self.alternate_flip
 
 
 @dataclass(frozen=True)

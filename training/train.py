@@ -34,6 +34,7 @@ from training.cli import (
     load_data,
     positive,
     run_command,
+    share,
 )
 from training.data import ImageData, to_float
 from training.distributed import Rank, process_group
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="the recipe's translation + flip augmentation (default: on for colour "
                         "data sets)")
+    g.add_argument("--benign-augment", type=share, default=None, metavar="SHARE",
+                   help="share in [0, 1] of every batch replaced by a random benign change "
+                        "(noise, JPEG, brightness, contrast, shift, rotation), so that the "
+                        "classifier survives them (default: the preset's: 0.5 for MNIST, else 0)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<dataset>/base)")
     add_adversarial_args(p)
@@ -121,7 +126,9 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         "lr": args.lr or preset.lr,
         "weight_decay": preset.weight_decay if args.weight_decay is None else args.weight_decay,
         "recipe": args.recipe or preset.recipe,
-        "augment": preset.augment if args.augment is None else args.augment, "seed": args.seed,
+        "augment": preset.augment if args.augment is None else args.augment,
+        "benign_augment": (preset.benign_augment if args.benign_augment is None
+                           else args.benign_augment), "seed": args.seed,
         "threads": torch.get_num_threads(), "precision": args.precision,
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
@@ -151,6 +158,7 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
                   parameter_groups(model, config["weight_decay"]),
                   epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
                   weight_decay=config["weight_decay"], augment=config["augment"],
+                  benign_augment=config["benign_augment"],
                   seed=args.seed, desc=f"train {arch}", precision=args.precision,
                   recipe=recipe,
                   before_epoch=whiten_bias_schedule(model, WHITEN_BIAS_EPOCHS),

@@ -12,6 +12,7 @@ from detector.checkpoint import load_checkpoint, load_class_heads
 from detector.gating import gated_layers
 from training import decouple as decouple_cmd
 from training import train as train_cmd
+from training.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_FILES = {"weights.safetensors", "model.json", "config.json", "metrics.json"}
@@ -133,6 +134,8 @@ def run_error(cli, argv, capsys):
     (["--adversarial-eps", "8/0"], "'8/0'"),
     (["--adversarial-check", "0"], "'0'"),
     (["--adversarial-eps", "0.1", "--adversarial-method", "free"], "'free'"),
+    (["--benign-augment", "1.5"], "'1.5'"),
+    (["--benign-augment", "nan"], "'nan'"),
     pytest.param(["--device", "cuda"], "cuda", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),
 ])
@@ -153,6 +156,24 @@ def test_train_in_bfloat16(tmp_path):
     assert metrics["loss_curve"][-1] < 0.5 * metrics["loss_curve"][0]
     model, _ = load_checkpoint(out)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_train_with_benign_augmentation(tmp_path):
+    """--benign-augment trains on benign changes of the images and is recorded in the config;
+    the digits preset leaves it off."""
+    out = tmp_path / "benign"
+    train_cmd.cli(["--epochs", "2", "--batch-size", "64", "--benign-augment", "1",
+                   "--out", str(out), "--quiet"])
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["benign_augment"] == 1.0
+    assert metrics["loss_curve"][-1] < 0.7 * metrics["loss_curve"][0]
+    assert metrics["test_accuracy"] > 0.5
+
+
+def test_presets_augment_mnist_with_benign_changes():
+    assert PRESETS["mnist"].benign_augment == 0.5
+    assert PRESETS["digits"].benign_augment == PRESETS["cifar10"].benign_augment == 0.0
 
 
 def test_train_continues_from_init_with_its_width(tmp_path):
@@ -209,6 +230,7 @@ def test_train_too_small_images_message(capsys, tmp_path):
     (["--adversarial-eps", "0"], "'0'"),
     (["--gate-init-logit", "nan"], "'nan'"),
     (["--lr", "inf"], "'inf'"),
+    (["--benign-augment", "-0.1"], "'-0.1'"),
 ])
 def test_decouple_errors_exit_2_naming_the_value(argv, named, capsys, base_run, tmp_path):
     err = run_error(decouple_cmd.cli,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.models import create_model
-from training.data import batches
+from training.data import batches, with_benign_changes
 from training.engine import evaluate, fit
 from training.recipe import (
     AIRBENCH,
@@ -82,6 +82,35 @@ def test_reflect_translation_keeps_border_pixels_real():
     aug = Augmentation(translate=2, padding="reflect")
     xb, _ = next(batches(x, torch.zeros(8, dtype=torch.int64), 8, augment=aug))
     assert torch.all(xb == 200 / 255)  # zero padding would shift in black pixels
+
+
+def test_benign_changes_replace_the_given_share_of_a_batch():
+    """share 0 keeps a batch, share 1 changes every image (labels kept, values in [0, 1]),
+    a share in between about that share; the same seed draws the same changes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 1, 12, 12, generator=g) * 0.6 + 0.2  # no clipping at either end
+    assert torch.equal(with_benign_changes(x, 0.0, torch.Generator().manual_seed(1)), x)
+    every = with_benign_changes(x, 1.0, torch.Generator().manual_seed(1))
+    changed = (every != x).flatten(1).any(1)
+    assert changed.float().mean() > 0.95  # a JPEG round trip may leave an image as it was
+    assert every.min() >= 0 and every.max() <= 1
+    half = with_benign_changes(x, 0.5, torch.Generator().manual_seed(2))
+    assert 0.35 < (half != x).flatten(1).any(1).float().mean() < 0.6
+    assert torch.equal(half, with_benign_changes(x, 0.5, torch.Generator().manual_seed(2)))
+
+
+def test_benign_augmentation_without_crops_or_flips():
+    """An Augmentation of benign changes alone never translates or flips (digits: a mirrored
+    digit is another symbol), and a share outside [0, 1] is refused."""
+    x = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 255).to(
+        torch.uint8)
+    y = torch.arange(64)
+    plain = next(batches(x, y, 64))[0]
+    aug = Augmentation(translate=0, flip=False, benign=0.0)
+    assert not aug.crops_or_flips
+    assert torch.equal(next(batches(x, y, 64, augment=aug, seed=5))[0], plain)
+    with pytest.raises(ValueError, match=r"1\.5"):
+        Augmentation(benign=1.5)
 
 
 def test_airbench_parameter_groups_and_whiten_schedule():
