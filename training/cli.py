@@ -108,15 +108,20 @@ def check_arch(arch: str, data: ImageData) -> None:
                          f"(needs at least {side}x{side})")
 
 
-def finite(text: str) -> float:
-    """argparse type: a finite real number (not nan or inf), error naming the bad value."""
+def _finite_number(text: str, kind: type[int] | type[float]) -> int | float:
+    """``text`` as a finite ``kind``, else argparse's error naming it."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value
+
+
+def finite(text: str) -> float:
+    """argparse type: a finite real number (not nan or inf), error naming the bad value."""
+    return float(_finite_number(text, float))
 
 
 def share(text: str) -> float:
@@ -130,12 +135,7 @@ def share(text: str) -> float:
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     """argparse type: a positive finite number, error naming the bad value."""
     def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        value = _finite_number(text, kind)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return value
