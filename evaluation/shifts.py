@@ -32,6 +32,8 @@ SHIFTS = (1, 2)
 ROTATIONS = (-5.0, 5.0)
 #: Per-image sigma range of the noise negatives (grey, colour).
 GREY_NOISE_RANGE, COLOUR_NOISE_RANGE = (0.01, 0.1), (0.005, 0.04)
+#: Largest ``reach`` of the fitting changes (contrast factors stay >= 0.25).
+MAX_REACH = 3.0
 
 
 def _per_image(value: float | torch.Tensor, n: int) -> torch.Tensor:
@@ -106,54 +108,71 @@ def benign_shifts(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def add_noise_negatives(model: nn.Module, sets: Sets, seed: int) -> None:
+def _noise_range(channels: int, reach: float) -> tuple[float, float]:
+    """Sigma range of the noise negatives for grey (1) or colour (3) images, its upper end
+    ``reach`` (in (0, :data:`MAX_REACH`]) times :data:`GREY_NOISE_RANGE` /
+    :data:`COLOUR_NOISE_RANGE`'s."""
+    if not 0 < reach <= MAX_REACH:  # also False for nan
+        raise ValueError(f"reach must be in (0, {MAX_REACH}], got {reach}")
+    lo, hi = GREY_NOISE_RANGE if channels == 1 else COLOUR_NOISE_RANGE
+    return lo, hi * reach
+
+
+def add_noise_negatives(model: nn.Module, sets: Sets, seed: int, reach: float = 1.0) -> None:
     """Attach Gaussian-noise copies of the clean images as benign negatives for fitting.
 
     Each image gets its own sigma, uniform in :data:`GREY_NOISE_RANGE` for grey and
     :data:`COLOUR_NOISE_RANGE` for colour images (a range, so that no single evaluated shift
-    is fitted exactly).
+    is fitted exactly), the upper end times ``reach`` (1.5: half again beyond).
     """
     g = torch.Generator().manual_seed(seed)
-    lo, hi = GREY_NOISE_RANGE if sets.x_clean.shape[1] == 1 else COLOUR_NOISE_RANGE
+    lo, hi = _noise_range(sets.x_clean.shape[1], reach)
     sigma = lo + (hi - lo) * torch.rand(len(sets.y_clean), generator=g)
     x = gaussian_noise(sets.x_clean, sigma, g)
     image = np.arange(len(sets.y_clean))
     _attach(sets, AdvSet(x, sets.y_clean, image, len(image), extract_paths(model, x)))
 
 
-def random_benign_changes(x: torch.Tensor, seed: int) -> torch.Tensor:
+def random_benign_changes(x: torch.Tensor, seed: int, reach: float = 1.0) -> torch.Tensor:
     """One benign change per image of x, drawn with ``seed``: its kind uniformly among noise,
     JPEG, brightness, contrast, shift and rotation, its strength from a range around the
     evaluated ones (noise as :func:`add_noise_negatives`, JPEG quality 25-95, brightness
     +-0.02-0.12, contrast 0.75-1.25, shifts of up to 2 pixels each way, rotations of 1-6
-    degrees either way), so that fitting never sees an evaluated change exactly."""
+    degrees either way), so that fitting never sees an evaluated change exactly.
+
+    ``reach`` (in (0, :data:`MAX_REACH`]) multiplies the upper ends of the continuous
+    strengths (noise sigma, brightness, contrast's distance from 1, rotation), so that the
+    evaluated strengths sit inside the range rather than at its edge; JPEG and shifts keep
+    theirs.
+    """
+    lo, hi = _noise_range(x.shape[1], reach)
     g = torch.Generator().manual_seed(seed)
     n = len(x)
     kind = torch.randint(6, (n,), generator=g)
     u = torch.rand(n, generator=g)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    lo, hi = GREY_NOISE_RANGE if x.shape[1] == 1 else COLOUR_NOISE_RANGE
     moves = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3) if (dx, dy) != (0, 0)]
     move = torch.randint(len(moves), (n,), generator=g)
     out = x.clone()
     for k, change in enumerate((
             lambda i: gaussian_noise(x[i], lo + (hi - lo) * u[i], g),
             lambda i: jpeg(x[i], [int(q) for q in (25 + 70 * u[i]).round()]),
-            lambda i: brightness(x[i], sign[i] * (0.02 + 0.1 * u[i])),
-            lambda i: contrast(x[i], 0.75 + 0.5 * u[i]),
+            lambda i: brightness(x[i], sign[i] * (0.02 + (0.1 + 0.12 * (reach - 1)) * u[i])),
+            lambda i: contrast(x[i], 1 - 0.25 * reach + 0.5 * reach * u[i]),
             lambda i: torch.cat([translate(x[j:j + 1], *moves[int(move[j])]) for j in i])
             if len(i) else x[i],
-            lambda i: rotate(x[i], sign[i] * (1 + 5 * u[i])))):
+            lambda i: rotate(x[i], sign[i] * (1 + (5 + 6 * (reach - 1)) * u[i])))):
         idx = torch.nonzero(kind == k).view(-1)
         out[idx] = change(idx)
     return out
 
 
-def add_benign_negatives(model: nn.Module, sets: Sets, seed: int) -> None:
-    """Attach a randomly changed copy of each clean image (:func:`random_benign_changes`) as a
-    benign negative for fitting, those the model still classifies correctly (a change that
-    breaks the classifier is not one the detector should pass)."""
-    x = random_benign_changes(sets.x_clean, seed)
+def add_benign_negatives(model: nn.Module, sets: Sets, seed: int, reach: float = 1.0) -> None:
+    """Attach a randomly changed copy of each clean image (:func:`random_benign_changes`,
+    strengths widened by ``reach``) as a benign negative for fitting, those the model still
+    classifies correctly (a change that breaks the classifier is not one the detector should
+    pass)."""
+    x = random_benign_changes(sets.x_clean, seed, reach)
     keep = (predict(model, x) == sets.y_clean).numpy()
     if keep.any():
         _attach(sets, AdvSet(x[keep], sets.y_clean[keep], np.flatnonzero(keep), len(keep),

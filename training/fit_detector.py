@@ -56,7 +56,7 @@ from evaluation.sets import (
     sets_from_arrays,
     sets_to_arrays,
 )
-from evaluation.shifts import add_benign_negatives, add_noise_negatives, benign_shifts
+from evaluation.shifts import MAX_REACH, add_benign_negatives, add_noise_negatives, benign_shifts
 from evaluation.suites import SUITES, eval_suite
 from training import decouple as decouple_cmd
 from training import train as train_cmd
@@ -78,6 +78,14 @@ VARIANTS = ("logistic", "hist_gb", "random_forest", "logistic+raw", "hist_gb+raw
 #: How long a rank waits for the others under torchrun: rank 0 gathers the sets when the
 #: slowest rank is done, and one attack can take an hour on CIFAR-10.
 RANK_TIMEOUT = timedelta(hours=24)
+
+
+def _reach(text: str) -> float:
+    """argparse type of ``--negative-reach``: a number in (0, MAX_REACH]."""
+    value = float(positive(float)(text))
+    if value > MAX_REACH:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_REACH:g}, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(noise, JPEG, brightness, contrast, shift or rotation, at strengths "
                         "around the evaluated ones; those still classified correctly) as "
                         "negatives; the threshold stays on clean images")
+    d.add_argument("--negative-reach", type=_reach, default=1.0,
+                   help="upper ends of the continuous strengths of the noise and benign "
+                        "negatives (noise sigma, brightness, contrast, rotation) times this, "
+                        f"in (0, {MAX_REACH:g}]; above 1 the evaluated strengths lie inside the "
+                        "fitted range rather than at its edge (default: %(default)s)")
     d.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate on held-out clean images that sets the threshold "
                         "(default: %(default)s)")
@@ -273,9 +286,9 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         eval_sets = craft_sets(model, x_eval, y_eval, crafted_specs, seed=args.seed + 1,
                                per_image=None, square_queries=args.square_queries)
     if args.noise_negatives:
-        add_noise_negatives(model, fit_sets, seed=args.seed + 2)
+        add_noise_negatives(model, fit_sets, seed=args.seed + 2, reach=args.negative_reach)
     if args.benign_negatives:
-        add_benign_negatives(model, fit_sets, seed=args.seed + 3)
+        add_benign_negatives(model, fit_sets, seed=args.seed + 3, reach=args.negative_reach)
     if stability:
         for sets in (fit_sets, eval_sets):
             attach_stability(model, sets, stability)
@@ -362,7 +375,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             "adaptive_positives": [s.label for s in positive_specs],
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,
             "reused_attacks": reused, "noise_negatives": args.noise_negatives,
-            "benign_negatives": args.benign_negatives,
+            "benign_negatives": args.benign_negatives, "negative_reach": args.negative_reach,
             "eval_suite": None if args.eval_attacks else args.eval_suite,
             "class_heads": args.class_heads, "stability": list(stability),
             "max_fit": args.max_fit, "max_eval": args.max_eval,

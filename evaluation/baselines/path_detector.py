@@ -36,10 +36,11 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
     profile = PathProfile.fit(paths, y_prof.numpy(), run.spec.num_classes,
                               heads=heads).with_stability(stability)
     fit, evaluation = replace(run.fit), replace(run.evaluation)  # the run's sets stay as read
+    reach = float(config.get("negative_reach", 1.0))
     if config.get("noise_negatives"):
-        add_noise_negatives(run.model, fit, seed=run.seed + 2)
+        add_noise_negatives(run.model, fit, seed=run.seed + 2, reach=reach)
     if config.get("benign_negatives"):
-        add_benign_negatives(run.model, fit, seed=run.seed + 3)
+        add_benign_negatives(run.model, fit, seed=run.seed + 3, reach=reach)
     if stability:
         fit.adversarial = {k: replace(v) for k, v in fit.adversarial.items()}
         evaluation.adversarial = {k: replace(v) for k, v in evaluation.adversarial.items()}
@@ -57,6 +58,8 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
                       "class_heads": config.get("class_heads", "none"),
                       "stability": list(stability),
                       "noise_negatives": bool(config.get("noise_negatives")),
+                      "benign_negatives": bool(config.get("benign_negatives")),
+                      "negative_reach": reach,
                       "profile_images": len(y_prof)}
     name = run.config["detector"] + ("+raw" if run.config["raw_features"] else "")
     reference = run.metrics.get("variants", {}).get(name, {}).get("auroc") or {}

@@ -84,6 +84,24 @@ def test_random_benign_changes_are_seeded_and_in_range():
     assert (a != x).flatten(1).any(1).float().mean() > 0.9  # nearly every image changed
 
 
+def test_reach_widens_the_strengths_and_one_keeps_them():
+    """reach 1 is the default; reach 2 draws noise and brightness up to twice as strong, so
+    on a flat grey image the mean change of a pixel grows (same seed, same kinds drawn)."""
+    x = torch.full((400, 1, 8, 8), 0.5)
+    assert torch.equal(random_benign_changes(x, seed=3, reach=1.0),
+                       random_benign_changes(x, seed=3))
+    change = [(random_benign_changes(x, seed=3, reach=r) - x).abs().mean((1, 2, 3))
+              for r in (1.0, 2.0)]
+    assert change[0].max() <= 0.12 + 1e-6 < change[1].max()
+    assert (change[1] >= change[0] - 1e-6).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("reach", [0.0, -1.0, 3.5, float("nan")])
+def test_bad_reach_is_refused(reach):
+    with pytest.raises(ValueError, match="reach must be in"):
+        random_benign_changes(torch.rand(2, 1, 4, 4), seed=0, reach=reach)
+
+
 @pytest.fixture(scope="module")
 def fit_sets(tiny_decoupled_checkpoint):
     model, _ = load_checkpoint(tiny_decoupled_checkpoint)
