@@ -167,15 +167,20 @@ def random_benign_changes(x: torch.Tensor, seed: int, reach: float = 1.0) -> tor
     return out
 
 
-def add_benign_negatives(model: nn.Module, sets: Sets, seed: int, reach: float = 1.0) -> None:
-    """Attach a randomly changed copy of each clean image (:func:`random_benign_changes`,
-    strengths widened by ``reach``) as a benign negative for fitting, those the model still
-    classifies correctly (a change that breaks the classifier is not one the detector should
-    pass)."""
-    x = random_benign_changes(sets.x_clean, seed, reach)
-    keep = (predict(model, x) == sets.y_clean).numpy()
+def add_benign_negatives(model: nn.Module, sets: Sets, seed: int, reach: float = 1.0,
+                         copies: int = 1) -> None:
+    """Attach ``copies`` (>= 1) randomly changed copies of each clean image
+    (:func:`random_benign_changes`, strengths widened by ``reach``) as benign negatives for
+    fitting, those the model still classifies correctly (a change that breaks the classifier
+    is not one the detector should pass)."""
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    n = len(sets.y_clean)
+    y = sets.y_clean.repeat(copies)
+    x = random_benign_changes(sets.x_clean.repeat(copies, 1, 1, 1), seed, reach)
+    keep = (predict(model, x) == y).numpy()
     if keep.any():
-        _attach(sets, AdvSet(x[keep], sets.y_clean[keep], np.flatnonzero(keep), len(keep),
+        _attach(sets, AdvSet(x[keep], y[keep], np.flatnonzero(keep) % n, len(keep),
                              extract_paths(model, x[keep])))
 
 

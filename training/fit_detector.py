@@ -138,11 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--noise-negatives", action="store_true",
                    help="also fit on Gaussian-noise copies of the clean fitting images as "
                         "negatives (per-image sigma; the threshold stays on clean images)")
-    d.add_argument("--benign-negatives", action="store_true",
-                   help="also fit on one randomly changed copy of each clean fitting image "
-                        "(noise, JPEG, brightness, contrast, shift or rotation, at strengths "
-                        "around the evaluated ones; those still classified correctly) as "
-                        "negatives; the threshold stays on clean images")
+    d.add_argument("--benign-negatives", nargs="?", type=positive(int), const=1, default=0,
+                   metavar="COPIES",
+                   help="also fit on COPIES (default 1) randomly changed copies of each clean "
+                        "fitting image (noise, JPEG, brightness, contrast, shift or rotation, "
+                        "at strengths around the evaluated ones; those still classified "
+                        "correctly) as negatives; the threshold stays on clean images")
     d.add_argument("--negative-reach", type=_reach, default=1.0,
                    help="upper ends of the continuous strengths of the noise and benign "
                         "negatives (noise sigma, brightness, contrast, rotation) times this, "
@@ -288,7 +289,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if args.noise_negatives:
         add_noise_negatives(model, fit_sets, seed=args.seed + 2, reach=args.negative_reach)
     if args.benign_negatives:
-        add_benign_negatives(model, fit_sets, seed=args.seed + 3, reach=args.negative_reach)
+        add_benign_negatives(model, fit_sets, seed=args.seed + 3, reach=args.negative_reach,
+                             copies=args.benign_negatives)
     if stability:
         for sets in (fit_sets, eval_sets):
             attach_stability(model, sets, stability)

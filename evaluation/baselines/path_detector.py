@@ -40,7 +40,8 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
     if config.get("noise_negatives"):
         add_noise_negatives(run.model, fit, seed=run.seed + 2, reach=reach)
     if config.get("benign_negatives"):
-        add_benign_negatives(run.model, fit, seed=run.seed + 3, reach=reach)
+        add_benign_negatives(run.model, fit, seed=run.seed + 3, reach=reach,
+                             copies=int(config["benign_negatives"]))  # older runs: True
     if stability:
         fit.adversarial = {k: replace(v) for k, v in fit.adversarial.items()}
         evaluation.adversarial = {k: replace(v) for k, v in evaluation.adversarial.items()}
@@ -58,7 +59,7 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
                       "class_heads": config.get("class_heads", "none"),
                       "stability": list(stability),
                       "noise_negatives": bool(config.get("noise_negatives")),
-                      "benign_negatives": bool(config.get("benign_negatives")),
+                      "benign_negatives": int(config.get("benign_negatives") or 0),
                       "negative_reach": reach,
                       "profile_images": len(y_prof)}
     name = run.config["detector"] + ("+raw" if run.config["raw_features"] else "")

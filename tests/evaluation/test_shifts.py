@@ -124,3 +124,20 @@ def test_benign_negatives_keep_images_still_right_and_add_to_noise(fit_sets):
     add_noise_negatives(model, sets, seed=2)  # both: the noise copies go after
     assert len(sets.benign.y) == n + len(y) and sets.benign.attempts == 2 * len(y)
     assert len(sets.benign.paths.logits) == len(sets.benign.y) == len(sets.benign.image)
+
+
+def test_benign_negatives_in_copies(fit_sets):
+    """copies=3: three changed copies of every image (those still classified right), each
+    labelled with its source image."""
+    model, x, y = fit_sets
+    one, three = Sets(x, y, extract_paths(model, x)), Sets(x, y, extract_paths(model, x))
+    add_benign_negatives(model, one, seed=1)
+    add_benign_negatives(model, three, seed=1, copies=3)
+    assert three.benign.attempts == 3 * len(y) and len(three.benign.y) > len(one.benign.y)
+    np.testing.assert_array_equal(three.benign.y.numpy(), y[three.benign.image].numpy())
+    assert np.bincount(three.benign.image, minlength=len(y)).max() == 3
+    assert (predict(model, three.benign.x) == three.benign.y).all()
+    copies = three.benign.x.view(len(three.benign.y), -1)
+    assert len(torch.unique(copies, dim=0)) == len(copies)  # no two copies alike
+    with pytest.raises(ValueError, match="copies must be >= 1, got 0"):
+        add_benign_negatives(model, three, seed=1, copies=0)

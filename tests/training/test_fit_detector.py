@@ -220,6 +220,7 @@ def test_missing_checkpoint_is_refused(tmp_path, capsys):
     (["--max-fit", "0"], "must be > 0, got '0'"),
     (["--detector", "svm"], "invalid choice: 'svm'"),
     (["--negative-reach", "4"], "--negative-reach: must be <= 3, got '4'"),
+    (["--benign-negatives", "0"], "--benign-negatives: must be > 0, got '0'"),
     (["--negative-reach", "nan"], "--negative-reach: must be finite, got 'nan'"),
 ])
 def test_argparse_errors_exit_2(tmp_path, capsys, extra, message):
@@ -271,10 +272,10 @@ def test_benign_changes_are_reported(run):
 def test_benign_negatives(run, tiny_decoupled_checkpoint, tmp_path):
     (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
     fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
-                               "--benign-negatives", "--noise-negatives",
+                               "--benign-negatives", "2", "--noise-negatives",
                                "--negative-reach", "1.5"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["config"]["benign_negatives"] and metrics["config"]["noise_negatives"]
+    assert metrics["config"]["benign_negatives"] == 2 and metrics["config"]["noise_negatives"]
     assert metrics["config"]["negative_reach"] == 1.5
     assert 0.0 <= metrics["evaluation"]["clean_fpr"] <= 0.2
 
