@@ -1,6 +1,7 @@
 """Benign changes of clean images: the list a deployed detector must not flag
-(:func:`benign_shifts`), and benign copies of the fitting images as negatives for fitting
-(:func:`add_noise_negatives`, :func:`add_benign_negatives`, :func:`noisy_like`).
+(:func:`benign_shifts`), stronger and other ones past it (:func:`beyond_shifts`), and benign
+copies of the fitting images as negatives for fitting (:func:`add_noise_negatives`,
+:func:`add_benign_negatives`, :func:`noisy_like`).
 
 Images are (N, C, H, W) float32 in [0, 1]; every change stays in [0, 1] and keeps the label.
 Parameters given per image are (N,) tensors, else one number for all.
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 from detector.features import PathBatch
 from detector.stability import translate
@@ -116,6 +118,26 @@ def _noise_range(channels: int, reach: float) -> tuple[float, float]:
         raise ValueError(f"reach must be in (0, {MAX_REACH}], got {reach}")
     lo, hi = GREY_NOISE_RANGE if channels == 1 else COLOUR_NOISE_RANGE
     return lo, hi * reach
+
+
+def beyond_shifts(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Benign changes beyond the evaluated ones (:func:`benign_shifts`), to see how a detector
+    fitted around those behaves past them, by label, each of every image of x: Gaussian noise
+    at 1.5 and 2 times the largest evaluated sigma, brightness +-0.15, contrast x0.7 and x1.4,
+    rotations by -10 and 10 degrees, and two changes of other kinds, a 5x5 Gaussian blur
+    (sigma 1, stronger than the stability transform's 3x3) and gamma 0.7 and 1.4; noise drawn
+    with ``seed``. Some of these move the classifier too: judge false alarms only where the
+    accuracy holds."""
+    g = torch.Generator().manual_seed(seed)
+    top = max(GREY_SIGMAS if x.shape[1] == 1 else COLOUR_SIGMAS)
+    out = {f"gaussian noise sigma={f * top:.3g}": gaussian_noise(x, f * top, g)
+           for f in (1.5, 2.0)}
+    out |= {f"brightness {d:+}": brightness(x, d) for d in (-0.15, 0.15)}
+    out |= {f"contrast x{f}": contrast(x, f) for f in (0.7, 1.4)}
+    out |= {f"rotation {r:+g} deg": rotate(x, r) for r in (-10.0, 10.0)}
+    out["gaussian blur 5x5 sigma=1"] = TF.gaussian_blur(x, [5, 5], [1.0, 1.0])
+    out |= {f"gamma {e}": x.clamp(0, 1) ** e for e in (0.7, 1.4)}
+    return out
 
 
 def add_noise_negatives(model: nn.Module, sets: Sets, seed: int, reach: float = 1.0) -> None:
