@@ -41,10 +41,10 @@ from training.data import load_dataset, to_float
 
 def false_alarms(bundle: Bundle, images: dict[str, dict[str, torch.Tensor]],
                  y: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """group -> change -> :func:`evaluation.metrics.benign_change_metrics` of ``bundle`` on
-    ``images`` (group -> change -> (N, C, H, W) float in [0, 1], changed copies of the same N
-    clean images ``images["clean"]["clean"]``), labels y: (N,); plus per group the worst
-    change within tolerance (``"worst"``, None if none)."""
+    """False alarms of ``bundle`` on ``images`` (group -> change -> (N, C, H, W) float in
+    [0, 1], changed copies of the same N clean images ``images["clean"]["clean"]``), labels
+    y: (N,). Returns group -> {"changes": change -> :func:`evaluation.metrics
+    .benign_change_metrics`, "worst": :func:`evaluation.metrics.worst_benign` of them}."""
     with torch.inference_mode():
         correct = bundle.analyze(images["clean"]["clean"]).predictions == y.numpy()
         out: dict[str, dict[str, Any]] = {}
