@@ -112,8 +112,8 @@ def benign_shifts(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
 
 def _noise_range(channels: int, reach: float) -> tuple[float, float]:
     """Sigma range of the noise negatives for grey (1) or colour (3) images, its upper end
-    ``reach`` (in (0, :data:`MAX_REACH`]) times :data:`GREY_NOISE_RANGE` /
-    :data:`COLOUR_NOISE_RANGE`'s."""
+    ``reach`` times :data:`GREY_NOISE_RANGE` / :data:`COLOUR_NOISE_RANGE`'s; ValueError
+    unless reach is in (0, :data:`MAX_REACH`]."""
     if not 0 < reach <= MAX_REACH:  # also False for nan
         raise ValueError(f"reach must be in (0, {MAX_REACH}], got {reach}")
     lo, hi = GREY_NOISE_RANGE if channels == 1 else COLOUR_NOISE_RANGE
@@ -176,6 +176,7 @@ def random_benign_changes(x: torch.Tensor, seed: int, reach: float = 1.0) -> tor
     moves = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3) if (dx, dy) != (0, 0)]
     move = torch.randint(len(moves), (n,), generator=g)
     out = x.clone()
+    # strengths written so that reach 1 draws exactly the values of the fits before reach
     for k, change in enumerate((
             lambda i: gaussian_noise(x[i], lo + (hi - lo) * u[i], g),
             lambda i: jpeg(x[i], [int(q) for q in (25 + 70 * u[i]).round()]),
