@@ -12,7 +12,13 @@ so attacks can differentiate through them:
 
 - ``shift``: translate by one pixel right and down (edge pixels repeated);
 - ``blur``: 3x3 binomial blur (weights 1-2-1 per axis), edges repeated;
-- ``bits5``: round each pixel to 5 bits (32 levels).
+- ``bits5``: round each pixel to 5 bits (32 levels);
+- ``mirror``: flip left to right. Only for images whose classes survive a mirror (photographs:
+  CIFAR-10, ImageNet; not digits) and classifiers trained with flips, which then give a clean
+  image and its mirror the same class. An adversarial perturbation is tuned to the network as
+  it sees the image; mirrored, it meets the network's mirrored view, which is in effect another
+  model, so even perturbations built to survive shifts and blur (translation-invariant attacks
+  such as TIFGSM, Square's patches) lose part of their hold (docs/RESULTS.md 2.7).
 
 :class:`detector.features.PathProfile` turns the companion paths into features (``stability``
 group).
@@ -54,8 +60,19 @@ def _bits5(x: torch.Tensor) -> torch.Tensor:
     return x + (rounded - x).detach()  # value of the rounding, gradient of the identity
 
 
+def _mirror(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "shift": _shift, "blur": _blur, "bits5": _bits5}
+    "shift": _shift, "blur": _blur, "bits5": _bits5, "mirror": _mirror}
+
+
+def default_transforms(mirror: bool) -> tuple[str, ...]:
+    """The stability transforms used unless told: shift, blur and bits5, and mirror too if
+    ``mirror`` (the images' classes survive a left-right flip and the classifier was trained
+    with flips)."""
+    return ("shift", "blur", "bits5", *(("mirror",) if mirror else ()))
 
 
 def check_transforms(names: Sequence[str]) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ from detector.checkpoint import load_checkpoint
 from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import FEATURE_GROUPS, PathProfile
 from detector.paths import network_macs
-from detector.stability import TRANSFORMS, check_transforms
+from detector.stability import TRANSFORMS, check_transforms, default_transforms
 from evaluation.adaptive.evaluate import adaptive_positives, evaluate_adaptive
 from evaluation.attacks import AttackSpec
 from evaluation.cost import detector_costs
@@ -64,6 +64,7 @@ from training.cli import add_data_args, add_runtime_args, load_data, positive, r
 from training.data import ImageData, to_float
 from training.distributed import Rank, process_group
 from training.distributed_crafting import Side, craft_across_ranks
+from training.presets import preset_for
 from training.report import write_json
 
 log = logging.getLogger("training.fit_detector")
@@ -157,11 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'checkpoint' (the decoupling's MI heads), 'fit' (logistic regressions "
                         "fitted on the clean profile paths), 'auto' (the checkpoint's if it "
                         "kept them, else fitted), 'none' (default: %(default)s)")
-    d.add_argument("--stability", nargs="*", default=list(TRANSFORMS), metavar="TRANSFORM",
+    d.add_argument("--stability", nargs="*", default=None, metavar="TRANSFORM",
                    help="path stability features: compare each input's path with those of "
                         f"slightly changed copies ({', '.join(TRANSFORMS)}; one more forward "
-                        "pass each when serving); the flag alone turns them off "
-                        "(default: %(default)s)")
+                        "pass each when serving); the flag alone turns them off (default: "
+                        f"{' '.join(default_transforms(False))}, and mirror where the data "
+                        "set's classifier trains with flips by default: colour images)")
     d.add_argument("--compare", nargs="*", default=list(VARIANTS),
                    help="detector variants to compare in the report: inner model with optional "
                         "'+raw' and any '-GROUP' to leave a feature group out (groups: "
@@ -218,8 +220,10 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if not 0.0 < args.target_fpr < 0.5:
         raise ValueError(f"--target-fpr must be in (0, 0.5), got {args.target_fpr}")
     variants = [_parse_variant(v) for v in args.compare]
-    stability = check_transforms(args.stability)
+    chosen = None if args.stability is None else check_transforms(args.stability)
     data = load_data(args)
+    # mirror where the preset trains with flips: the classes of such images survive a mirror
+    stability = default_transforms(preset_for(data).augment) if chosen is None else chosen
     checkpoint = ensure_checkpoint(args, data, rank)
     model, spec = load_checkpoint(checkpoint)
     if not spec.decoupled:

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from detector.features import LayerProfile, PathBatch, PathProfile
-from detector.stability import TRANSFORMS, check_transforms, transformed, with_companions
+from detector.stability import (
+    TRANSFORMS,
+    check_transforms,
+    default_transforms,
+    transformed,
+    with_companions,
+)
 
 
 def test_transforms_keep_shape_and_range():
@@ -32,6 +38,19 @@ def test_blur_keeps_constant_images_and_bits5_rounds_straight_through():
     np.testing.assert_allclose(y.detach().flatten(), [0, 1 / 31, 15 / 31, 1], atol=1e-6)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_mirror_flips_left_to_right_and_is_its_own_inverse():
+    x = torch.rand(2, 3, 4, 5)
+    y = transformed("mirror", x)
+    torch.testing.assert_close(y[..., 0], x[..., -1])
+    torch.testing.assert_close(transformed("mirror", y), x)
+
+
+def test_default_transforms_mirror_only_where_asked():
+    assert default_transforms(False) == ("shift", "blur", "bits5")
+    assert default_transforms(True) == ("shift", "blur", "bits5", "mirror")
+    assert set(default_transforms(True)) <= set(TRANSFORMS)
 
 
 def test_unknown_or_repeated_transforms_are_named():

@@ -114,8 +114,8 @@ def test_class_heads_and_feature_group_ablation(run, tiny_decoupled_checkpoint, 
     assert "logistic-prediction-bits" in (tmp_path / "report.md").read_text()
 
 
-def test_stability_features_on_by_default_and_off_on_request(run, tiny_decoupled_checkpoint,
-                                                              tmp_path):
+def test_stability_features_on_by_default_off_or_chosen_on_request(
+        run, tiny_decoupled_checkpoint, tmp_path):
     bundle = load_bundle(run / "bundle")
     assert bundle.manifest.detector.stability_transforms == ("shift", "blur", "bits5")
     assert bundle.manifest.format_version == FORMAT_VERSION == 2
@@ -130,6 +130,14 @@ def test_stability_features_on_by_default_and_off_on_request(run, tiny_decoupled
     assert plain.manifest.detector.stability_transforms == ()
     assert not any(n.startswith("stab_") for n in plain.profile.feature_names())
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["stability"] == []
+    # mirror is left out of the default for digits (a mirrored digit is another symbol) but
+    # can be asked for by name
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
+                               "--stability", "mirror"))
+    mirrored = load_bundle(tmp_path / "bundle")
+    assert mirrored.manifest.detector.stability_transforms == ("mirror",)
+    assert "stab_pred_change[mirror]" in mirrored.profile.feature_names()
+    assert mirrored.analyze(images).scores.shape == (2,)
 
 
 def test_variant_leaving_out_a_missing_group_is_refused(run, tiny_decoupled_checkpoint, tmp_path,
