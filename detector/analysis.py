@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.differentiable import TorchDetector, torch_detector
+from detector.differentiable import TorchDetector, TorchForest, torch_detector
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
 from detector.paths import compute_path
@@ -93,17 +93,18 @@ class PathScores:
 
 
 def score_paths(profile: PathProfile, detector: PathDetector, paths: PathBatch,
-                exported: TorchDetector | None = None) -> PathScores:
+                exported: TorchDetector | TorchForest | None = None) -> PathScores:
     """Path -> features -> detector score, the one implementation of that step.
 
     Used by :func:`analyze` (serving), and by adaptive attacks on paths with straight-through
     bits. Where the detector has an exact torch version (:func:`detector.differentiable.
-    torch_detector`: logistic and MLP inner models) the score is computed by it and keeps the
-    graph, so attacks differentiate the score that ships; ``exported`` passes it in, built
-    once (as :class:`detector.bundle.Bundle` does), else it is built here. Otherwise the
-    fitted scikit-learn detector runs on a detached copy of the features: a tree ensemble (the
-    random forest) is piecewise constant, so even a tensor version of it would give zero
-    gradient almost everywhere; attacks differentiate the features and a fitted stand-in.
+    torch_detector`: logistic, MLP and random forest inner models) the score is computed by it,
+    far cheaper than scikit-learn at batch 1; ``exported`` passes it in, built once (as
+    :class:`detector.bundle.Bundle` does), else it is built here. The logistic and MLP versions
+    keep the graph, so attacks differentiate the score that ships. A random forest is piecewise
+    constant (zero gradient almost everywhere, its torch version detaches) and gradient
+    boosting runs in scikit-learn on a detached copy of the features: attacks differentiate the
+    features and a fitted stand-in (:mod:`evaluation.adaptive.surrogate`).
     """
     predictions = paths.logits.detach().argmax(1)
     stats = profile.layer_stats(paths, predictions)
@@ -119,7 +120,7 @@ def score_paths(profile: PathProfile, detector: PathDetector, paths: PathBatch,
 
 def analyze(model: nn.Module, profile: PathProfile, detector: PathDetector,
             images: torch.Tensor, network_macs: int, execution: str = "masked",
-            exported: TorchDetector | None = None) -> Analysis:
+            exported: TorchDetector | TorchForest | None = None) -> Analysis:
     """images: (N, C, H, W) float32 in [0, 1] -> :class:`Analysis`; model must be in eval.
 
     ``execution`` is one of :data:`EXECUTIONS`; ``exported`` as for :func:`score_paths`.

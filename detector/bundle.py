@@ -30,7 +30,7 @@ from torch import nn
 
 from detector.analysis import Analysis, PathScores, analyze, score_paths
 from detector.checkpoint import ModelSpec, load_weights
-from detector.differentiable import TorchDetector, torch_detector
+from detector.differentiable import TorchDetector, TorchForest, torch_detector
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
 from detector.gating import gated_layers
@@ -99,8 +99,9 @@ def sha256(path: Path) -> str:
 @dataclass
 class Bundle:
     """A loaded bundle: eval-mode network, path profile, detector and manifest; ``exported``
-    is the detector as torch operations where that is exact (logistic and MLP inner models,
-    :mod:`detector.differentiable`), else None."""
+    is the detector as torch operations where that is exact (logistic, MLP and random forest
+    inner models, :mod:`detector.differentiable`; only the first two are differentiable), else
+    None."""
 
     path: Path
     manifest: Manifest
@@ -108,7 +109,7 @@ class Bundle:
     model: nn.Module
     profile: PathProfile
     detector: PathDetector
-    exported: TorchDetector | None = None
+    exported: TorchDetector | TorchForest | None = None
 
     def __post_init__(self) -> None:
         if self.exported is None:
@@ -144,7 +145,7 @@ class Bundle:
 
     def score_paths(self, paths: PathBatch) -> PathScores:
         """The bundle's path -> features -> score step (:func:`detector.analysis.score_paths`);
-        differentiable end to end when the detector is exported."""
+        differentiable end to end when the detector's export is (``exported.differentiable``)."""
         return score_paths(self.profile, self.detector, paths, self.exported)
 
 

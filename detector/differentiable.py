@@ -1,5 +1,6 @@
-"""The fitted detector's calibrated score as torch operations, for inner models where that is
-exact: logistic regression and the multi-layer perceptron.
+"""The fitted detector's calibrated score as torch operations, where that is exact: logistic
+regression and the multi-layer perceptron (differentiable), and the random forest (piecewise
+constant).
 
 :class:`detector.estimator.PathDetector` is fitted with scikit-learn (a scaler, the inner model,
 sigmoid or isotonic calibration). For a linear or MLP inner model with sigmoid calibration the
@@ -7,22 +8,31 @@ whole map features -> calibrated probability is a small differentiable function;
 parameters are copied into :class:`TorchDetector`, which gives the same scores as
 ``predict_proba`` up to rounding (it computes in float64; scikit-learn keeps float32 features
 and weights fitted on them in float32: differences of order 1e-7) and gradients with respect to
-the features.
-Serving uses it because it is cheaper than scikit-learn's per-call overhead at batch 1, and
-adaptive attacks descend on the score that ships instead of a stand-in. Tree ensembles (random
-forest, gradient boosting) and isotonic calibration are piecewise constant: there is no such
-export (:func:`torch_detector` returns None) and scikit-learn scores them.
+the features. A random forest's trees are copied into :class:`TorchForest`, which walks every
+tree at once with tensor lookups and gives ``predict_proba``'s scores (the same float32
+comparisons; the tree average may round differently in the last bits). It is piecewise
+constant: its gradient is zero almost everywhere, so attacks need a stand-in for it
+(:mod:`evaluation.adaptive.surrogate`); ``differentiable`` says which kind an export is.
+Serving uses either because it is much cheaper than scikit-learn's per-call overhead at batch 1
+(the forest: docs/RESULTS.md 2.7), and adaptive attacks descend on the differentiable score
+that ships instead of a stand-in. Gradient boosting and isotonic calibration have no export
+(:func:`torch_detector` returns None) and scikit-learn scores them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from torch import nn
 
 from detector.estimator import PathDetector
+
+#: Largest (inputs x nodes) split table :class:`TorchForest` decides at once (a 100-tree forest
+#: has some 40,000 nodes: a few inputs); more inputs walk the trees level by level.
+_TABLE_ELEMENTS = 1 << 17
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid,
                 "identity": lambda t: t}
@@ -41,6 +51,8 @@ class TorchDetector(nn.Module):
     calibration's ``a`` and ``b``: p = sigmoid(-(a * f(x) + b)), f the inner model's decision
     value (logistic regression) or probability (MLP), as scikit-learn calibrates them.
     """
+
+    differentiable = True
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, weights: list[np.ndarray],
                  biases: list[np.ndarray], activation: str, output: str,
@@ -69,8 +81,68 @@ class TorchDetector(nn.Module):
         return torch.sigmoid(-(self.a * f + self.b))
 
 
-def torch_detector(detector: PathDetector) -> TorchDetector | None:
-    """The torch version of a fitted detector, or None where none is exact (tree ensembles,
+class TorchForest(nn.Module):
+    """features (N, F) -> (N,) float64 calibrated probability in [0, 1] that the input is
+    adversarial, equal to ``PathDetector.predict_proba(features)[:, 1]`` for a random forest
+    inner model; not differentiable (piecewise constant).
+
+    Built by :func:`torch_detector`. The T trees' nodes are stored end to end: per node the
+    feature it splits on, its threshold, the indices of its children (a leaf's point to
+    itself) and the share of adversarial training samples in it (leaves); ``roots`` (T,) are
+    the first node of each tree, ``depth`` the deepest tree's depth.
+    """
+
+    differentiable = False
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, forest: RandomForestClassifier,
+                 a: float, b: float) -> None:
+        super().__init__()
+        trees = [e.tree_ for e in forest.estimators_]
+        sizes = np.array([t.node_count for t in trees])
+        offsets = np.r_[0, np.cumsum(sizes)[:-1]]
+        feature, threshold, left, right, positive = [], [], [], [], []
+        for tree, offset in zip(trees, offsets, strict=True):
+            own = np.arange(tree.node_count) + offset
+            leaf = tree.children_left < 0
+            feature.append(np.where(leaf, 0, tree.feature))
+            threshold.append(np.where(leaf, 0.0, tree.threshold))
+            left.append(np.where(leaf, own, tree.children_left + offset))
+            right.append(np.where(leaf, own, tree.children_right + offset))
+            positive.append(tree.value[:, 0, 1])  # scikit-learn >= 1.4 keeps class shares
+        self.register_buffer("mean", _t(mean))
+        self.register_buffer("scale", _t(scale))
+        for name, parts in (("feature", feature), ("left", left), ("right", right)):
+            self.register_buffer(name, torch.as_tensor(np.concatenate(parts), dtype=torch.long))
+        # node n's right child at 2n, its left child at 2n + 1
+        self.register_buffer("successors", torch.stack([self.right, self.left], 1).flatten())
+        self.register_buffer("threshold", _t(np.concatenate(threshold)))
+        self.register_buffer("positive", _t(np.concatenate(positive)))
+        self.register_buffer("roots", torch.as_tensor(offsets, dtype=torch.long))
+        self.depth = max(t.max_depth for t in trees)
+        self.a, self.b = float(a), float(b)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # StandardScaler and the trees work on float32 as scikit-learn does: each step rounds
+        x = features.detach().to(torch.float32).to(torch.float64)
+        x = (x - self.mean).to(torch.float32).to(torch.float64)
+        x = (x / self.scale).to(torch.float32).to(torch.float64)
+        node = self.roots.expand(len(x), -1)  # (N, T): every tree walked at once
+        if len(x) * len(self.feature) <= _TABLE_ELEMENTS:  # few inputs: fewest operations
+            # decide every split at once, giving each node's successor for each input; the walk
+            # is then one lookup per level
+            successor = torch.where(x[:, self.feature] <= self.threshold, self.left, self.right)
+            for _ in range(self.depth):
+                node = successor.gather(1, node)
+        else:  # many inputs: decide only the splits on their paths
+            for _ in range(self.depth):  # take(): cheaper than indexing with a tensor
+                goes_left = x.gather(1, self.feature.take(node)) <= self.threshold.take(node)
+                node = self.successors.take(2 * node + goes_left)
+        f = self.positive.take(node).mean(1)
+        return torch.sigmoid(-(self.a * f + self.b))
+
+
+def torch_detector(detector: PathDetector) -> TorchDetector | TorchForest | None:
+    """The torch version of a fitted detector, or None where none is exact (gradient boosting,
     isotonic calibration, calibration that kept one model per fold)."""
     calibrated = detector.estimator_
     parts = calibrated.calibrated_classifiers_
@@ -90,4 +162,6 @@ def torch_detector(detector: PathDetector) -> TorchDetector | None:
     if isinstance(model, MLPClassifier) and model.out_activation_ == "logistic":
         return TorchDetector(scaler.mean_, scale, list(model.coefs_), list(model.intercepts_),
                              model.activation, "probability", calibrator.a_, calibrator.b_)
+    if isinstance(model, RandomForestClassifier) and model.n_outputs_ == 1:
+        return TorchForest(scaler.mean_, scale, model, calibrator.a_, calibrator.b_)
     return None

@@ -79,9 +79,9 @@ class ShippedScore(nn.Module):
 
     @classmethod
     def of(cls, bundle: Bundle) -> ShippedScore | None:
-        """The stand-in for ``bundle``, None where its detector has no exact torch export
-        (tree ensembles, isotonic calibration)."""
-        if bundle.exported is None:
+        """The stand-in for ``bundle``, None where its detector has no exact differentiable torch
+        export (tree ensembles, isotonic calibration)."""
+        if bundle.exported is None or not bundle.exported.differentiable:
             return None
         return cls(bundle.exported, float(bundle.detector.threshold_))
 

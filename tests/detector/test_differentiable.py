@@ -1,11 +1,12 @@
 """The detector exported to torch (detector.differentiable) gives scikit-learn's scores, and
-gradients, for logistic and MLP inner models; trees and isotonic calibration have no export."""
+gradients, for logistic and MLP inner models; the random forest's export gives its scores
+(no gradient); gradient boosting and isotonic calibration have no export."""
 
 import numpy as np
 import pytest
 import torch
 
-from detector.differentiable import TorchDetector, torch_detector
+from detector.differentiable import TorchDetector, TorchForest, torch_detector
 from detector.estimator import PathDetector
 
 
@@ -45,7 +46,27 @@ def test_export_is_differentiable(data, model):
     assert torch.isfinite(features.grad).all()
 
 
-@pytest.mark.parametrize("kwargs", [{"model": "random_forest"}, {"model": "hist_gb"},
+def test_forest_export_equals_predict_proba_one_by_one_and_in_batches(data):
+    X, y = data
+    detector = PathDetector(model="random_forest", random_state=0).fit(X, y)
+    exported = torch_detector(detector)
+    assert isinstance(exported, TorchForest) and not exported.differentiable
+    rng = np.random.default_rng(1)
+    unseen = (rng.normal(size=(300, X.shape[1])) * X.std(0) + X.mean(0)).astype(np.float32)
+    for features in (X, unseen):
+        reference = detector.predict_proba(features)[:, 1]
+        batched = exported(torch.from_numpy(features))  # walks the trees level by level
+        single = torch.cat([exported(torch.from_numpy(features[i:i + 1]))  # a split table
+                            for i in range(50)])
+        assert batched.dtype == torch.float64 and batched.shape == (len(features),)
+        np.testing.assert_allclose(batched.numpy(), reference, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(single.numpy(), reference[:50], rtol=0, atol=1e-12)
+    assert len(np.unique(reference)) > 20  # many leaves reached, not one constant
+    features = torch.from_numpy(X[:5]).requires_grad_()
+    assert not exported(features).requires_grad  # piecewise constant: no gradient to follow
+
+
+@pytest.mark.parametrize("kwargs", [{"model": "hist_gb"},
                                     {"model": "logistic", "calibration": "isotonic"}])
 def test_no_export_where_none_is_exact(data, kwargs):
     X, y = data

@@ -25,7 +25,7 @@ def fitted(tiny_decoupled_checkpoint):
                    for v in (x, noisy)]).numpy()
     y = np.r_[np.zeros(len(x)), np.ones(len(x))]
     detectors = {m: (profile, PathDetector(model=m, random_state=0).fit(X, y))
-                 for m in ("logistic", "random_forest")}
+                 for m in ("logistic", "random_forest", "hist_gb")}
     return model, x[:4], detectors
 
 
@@ -34,8 +34,9 @@ def test_costs_are_measured_side_by_side(fitted):
     threads = torch.get_num_threads()
     costs = detector_costs(model, images, detectors, repeats=5)
     assert torch.get_num_threads() == threads  # restored
-    assert set(costs) == {"logistic", "random_forest"}
-    assert costs["logistic"].exported and not costs["random_forest"].exported
+    assert set(costs) == {"logistic", "random_forest", "hist_gb"}
+    assert costs["logistic"].exported and costs["random_forest"].exported
+    assert not costs["hist_gb"].exported
     for cost in costs.values():
         assert cost.score_us > 0 and cost.network_us > 0 and cost.stability_us > 0
         assert cost.score_ratio == pytest.approx(cost.score_us / cost.network_us)
