@@ -130,7 +130,8 @@ class TorchForest(nn.Module):
         if len(x) * len(self.feature) <= _TABLE_ELEMENTS:  # few inputs: fewest operations
             # decide every split at once, giving each node's successor for each input; the walk
             # is then one lookup per level
-            successor = torch.where(x[:, self.feature] <= self.threshold, self.left, self.right)
+            split = x.index_select(1, self.feature) <= self.threshold  # (N, nodes)
+            successor = torch.where(split, self.left, self.right)
             for _ in range(self.depth):
                 node = successor.gather(1, node)
         else:  # many inputs: decide only the splits on their paths
