@@ -288,7 +288,7 @@ class PathProfile:
         return PathProfile(self.layers, self.include_raw, None, stability)
 
     def stability_stats(self, paths: PathBatch) -> torch.Tensor:
-        """(N, S) float64 stability features, per transform t of ``stability`` in order:
+        """(N, S * (2 + L)) float64 stability features, per transform of ``stability`` in order:
         ``stab_prob_l1``, the L1 distance between the softmax outputs of the input and of its
         transformed copy (in [0, 2]); ``stab_pred_change``, 1 if the predicted class changes;
         ``stab_flips``, per gated layer the share of its filters whose state changes (L values).
@@ -296,17 +296,20 @@ class PathProfile:
         missing = [t for t in self.stability if t not in paths.companions]
         if missing:
             raise ValueError(f"the paths carry no companions for stability transforms {missing}")
-        p = torch.softmax(paths.logits.to(torch.float64), 1)
+        n, s = len(paths.logits), len(self.stability)
+        others = [paths.companions[t] for t in self.stability]
+        # every transform at once: (S, N, ...) stacks, one operation per statistic
+        p = torch.softmax(paths.logits.to(torch.float64), 1)  # (N, K)
+        q = torch.softmax(torch.stack([o.logits for o in others]).to(torch.float64), 2)
         b = torch.cat([paths.bits[k] for k in self.layers], dim=1).to(torch.float64)
-        parts = []
-        for t in self.stability:
-            other = paths.companions[t]
-            q = torch.softmax(other.logits.to(torch.float64), 1)
-            b_t = torch.cat([other.bits[k] for k in self.layers], dim=1).to(torch.float64)
-            parts += [(p - q).abs().sum(1, keepdim=True),
-                      (p.detach().argmax(1) != q.detach().argmax(1)).to(torch.float64)[:, None],
-                      (b + b_t - 2 * b * b_t) @ self._layer_mean]  # share of flipped bits
-        return torch.cat(parts, dim=1)
+        b_t = torch.stack([torch.cat([o.bits[k] for k in self.layers], dim=1)
+                           for o in others]).to(torch.float64)  # (S, N, D)
+        changed = p.detach().argmax(1) != q.detach().argmax(2)  # (S, N)
+        parts = torch.cat([(p - q).abs().sum(2, keepdim=True),
+                           changed.to(torch.float64)[..., None],
+                           (b + b_t - 2 * b * b_t) @ self._layer_mean],  # share of flipped bits
+                          dim=2)  # (S, N, 2 + L)
+        return parts.transpose(0, 1).reshape(n, s * parts.shape[2])
 
     @property
     def layer_names(self) -> list[str]:
@@ -326,7 +329,8 @@ class PathProfile:
         rows = max(1, _CHUNK_ELEMENTS // (k * d))  # bounds the (rows, K, D) intermediates
         parts = [self._stats(b[i:i + rows], g[i:i + rows], classes[i:i + rows])
                  for i in range(0, len(b), rows)]
-        stats = {s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
+        stats = parts[0] if len(parts) == 1 else {
+            s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
         if self.has_heads:
             stats.update(self._class_evidence(b, _tensor(paths.logits), classes))
         return stats
