@@ -18,7 +18,7 @@ so attacks can differentiate through them:
   image and its mirror the same class. An adversarial perturbation is tuned to the network as
   it sees the image; mirrored, it meets the network's mirrored view, which is in effect another
   model, so even perturbations built to survive shifts and blur (translation-invariant attacks
-  such as TIFGSM, Square's patches) lose part of their hold (docs/RESULTS.md 2.7).
+  such as TIFGSM, Square's patches) lose part of their hold (docs/RESULTS.md 2.8).
 
 :class:`detector.features.PathProfile` turns the companion paths into features (``stability``
 group).
