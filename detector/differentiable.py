@@ -100,21 +100,21 @@ class TorchForest(nn.Module):
         trees = [e.tree_ for e in forest.estimators_]
         sizes = np.array([t.node_count for t in trees])
         offsets = np.r_[0, np.cumsum(sizes)[:-1]]
-        feature, threshold, left, right, positive = [], [], [], [], []
+        feature, threshold, successors, positive = [], [], [], []
         for tree, offset in zip(trees, offsets, strict=True):
             own = np.arange(tree.node_count) + offset
             leaf = tree.children_left < 0
             feature.append(np.where(leaf, 0, tree.feature))
             threshold.append(np.where(leaf, 0.0, tree.threshold))
-            left.append(np.where(leaf, own, tree.children_left + offset))
-            right.append(np.where(leaf, own, tree.children_right + offset))
+            # node n's right child at 2n, its left child at 2n + 1 (a leaf's both itself)
+            successors.append(np.stack([np.where(leaf, own, tree.children_right + offset),
+                                        np.where(leaf, own, tree.children_left + offset)], 1))
             positive.append(tree.value[:, 0, 1])  # scikit-learn >= 1.4 keeps class shares
         self.register_buffer("mean", _t(mean))
         self.register_buffer("scale", _t(scale))
-        for name, parts in (("feature", feature), ("left", left), ("right", right)):
-            self.register_buffer(name, torch.as_tensor(np.concatenate(parts), dtype=torch.long))
-        # node n's right child at 2n, its left child at 2n + 1
-        self.register_buffer("successors", torch.stack([self.right, self.left], 1).flatten())
+        self.register_buffer("feature", torch.as_tensor(np.concatenate(feature), dtype=torch.long))
+        self.register_buffer("successors", torch.as_tensor(np.concatenate(successors).ravel(),
+                                                           dtype=torch.long))
         self.register_buffer("threshold", _t(np.concatenate(threshold)))
         self.register_buffer("positive", _t(np.concatenate(positive)))
         self.register_buffer("roots", torch.as_tensor(offsets, dtype=torch.long))
@@ -131,7 +131,8 @@ class TorchForest(nn.Module):
             # decide every split at once, giving each node's successor for each input; the walk
             # is then one lookup per level
             split = x.index_select(1, self.feature) <= self.threshold  # (N, nodes)
-            successor = torch.where(split, self.left, self.right)
+            right, left = self.successors.view(-1, 2).unbind(1)
+            successor = torch.where(split, left, right)
             for _ in range(self.depth):
                 node = successor.gather(1, node)
         else:  # many inputs: decide only the splits on their paths
