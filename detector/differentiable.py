@@ -110,8 +110,9 @@ class TorchForest(nn.Module):
             successors.append(np.stack([np.where(leaf, own, tree.children_right + offset),
                                         np.where(leaf, own, tree.children_left + offset)], 1))
             positive.append(tree.value[:, 0, 1])  # scikit-learn >= 1.4 keeps class shares
-        self.register_buffer("mean", _t(mean))
-        self.register_buffer("scale", _t(scale))
+        # StandardScaler casts its mean and scale to the features' float32 before using them
+        self.register_buffer("mean", _t(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("scale", _t(np.asarray(scale, dtype=np.float32)))
         self.register_buffer("feature", torch.as_tensor(np.concatenate(feature), dtype=torch.long))
         self.register_buffer("successors", torch.as_tensor(np.concatenate(successors).ravel(),
                                                            dtype=torch.long))
@@ -123,6 +124,7 @@ class TorchForest(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # StandardScaler and the trees work on float32 as scikit-learn does: each step rounds
+        # (float32 operands: float64 arithmetic rounded to float32 gives the float32 result)
         x = features.detach().to(torch.float32).to(torch.float64)
         x = (x - self.mean).to(torch.float32).to(torch.float64)
         x = (x / self.scale).to(torch.float32).to(torch.float64)

@@ -66,6 +66,20 @@ def test_forest_export_equals_predict_proba_one_by_one_and_in_batches(data):
     assert not exported(features).requires_grad  # piecewise constant: no gradient to follow
 
 
+def test_forest_export_scales_in_float32_as_scikit_learn_does():
+    """Dense values a few float32 steps apart put split thresholds between neighbours, so a
+    scaled value one rounding step off goes the other way (scikit-learn scales with float32
+    copies of the mean and scale)."""
+    rng = np.random.default_rng(2)
+    steps = rng.integers(0, 400, size=(4000, 3))
+    X = (np.float32(1000.3) + steps * np.spacing(np.float32(1000.3))).astype(np.float32)
+    y = (steps[:, 0] + rng.integers(0, 150, 4000) > 260).astype(int)
+    detector = PathDetector(model="random_forest", random_state=0).fit(X, y)
+    exported = torch_detector(detector)
+    np.testing.assert_allclose(exported(torch.from_numpy(X)).numpy(),
+                               detector.predict_proba(X)[:, 1], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs", [{"model": "hist_gb"},
                                     {"model": "logistic", "calibration": "isotonic"}])
 def test_no_export_where_none_is_exact(data, kwargs):
