@@ -98,15 +98,21 @@ def transformed(name: str, images: torch.Tensor) -> torch.Tensor:
 def with_companions(model: nn.Module, images: torch.Tensor, paths: PathBatch,
                     names: Sequence[str], ste: str | None = None) -> PathBatch:
     """``paths`` (of ``images``, (N, C, H, W) in [0, 1]) with the paths of each transformed
-    copy attached as companions; one forward pass of ``model`` per transform, run as the
-    caller's context runs it (no grad, sparse execution, straight-through gates...).
+    copy attached as companions. The T transformed copies run through ``model`` as one stacked
+    batch of T * N images (one forward pass, not T: at batch 1 the fixed cost of each pass
+    dominates), as the caller's context runs it (no grad, sparse execution, straight-through
+    gates...).
 
     ``ste``: as for :meth:`PathBatch.from_result` (attacks keep the graph).
     """
-    companions = {name: PathBatch.from_result(
-        compute_path(model, transformed(name, images), pooled=False), ste)
-        for name in check_transforms(names)}
-    return paths.with_companions(companions)
+    names = check_transforms(names)
+    if not names:
+        return paths
+    n = len(images)
+    copies = torch.cat([transformed(name, images) for name in names])
+    every = PathBatch.from_result(compute_path(model, copies, pooled=False), ste)
+    return paths.with_companions({name: every.take(torch.arange(i * n, (i + 1) * n))
+                                  for i, name in enumerate(names)})
 
 
 def record_paths(model: nn.Module, images: torch.Tensor, stability: Sequence[str] = (),
@@ -116,4 +122,4 @@ def record_paths(model: nn.Module, images: torch.Tensor, stability: Sequence[str
     caller's context (no grad, sparse execution, straight-through gates); ``ste`` as for
     :meth:`PathBatch.from_result`."""
     paths = PathBatch.from_result(compute_path(model, images, pooled=False), ste)
-    return with_companions(model, images, paths, stability, ste) if stability else paths
+    return with_companions(model, images, paths, stability, ste)

@@ -3,7 +3,7 @@ its size on disk.
 
 The detector's step is path -> features -> score (:func:`detector.analysis.score_paths`) on a
 path that the network already recorded; the network's step is its bare forward pass (logits
-only). Stability features need one more forward pass per transform
+only). Stability features need one more forward pass, of the transformed copies stacked
 (:mod:`detector.stability`): that is network work, counted apart (``stability_us``). Timings
 are medians of interleaved single-image runs on one thread (the server's default), so the
 ratios hold on a busy machine too.
@@ -30,8 +30,8 @@ from detector.stability import record_paths, with_companions
 @dataclass(frozen=True)
 class DetectorCost:
     """score_us: path -> score per image at batch 1 (microseconds); network_us: the bare
-    network's forward pass, measured in the same run; stability_us: the extra forward passes of
-    the stability transforms (0 without); size_bytes: the detector's compressed skops file;
+    network's forward pass, measured in the same run; stability_us: the extra forward pass of
+    the stability transforms' copies (0 without); size_bytes: the detector's compressed skops file;
     exported: whether the score ran as torch operations (:mod:`detector.differentiable`)."""
 
     score_us: float
@@ -72,8 +72,9 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
             paths = [record_paths(model, x, stability) for x in singles]
             exported = {name: torch_detector(det) for name, (_, det) in detectors.items()}
             runs = {"network": lambda i: model(singles[int(i)])}
-            runs |= {f"stability:{t}": (lambda i, t=t: with_companions(
-                model, singles[int(i)], paths[int(i)], [t])) for t in stability}
+            stacks = {tuple(profile.stability) for profile, _ in detectors.values()}
+            runs |= {_stability_run(s): (lambda i, s=s: with_companions(
+                model, singles[int(i)], paths[int(i)], s)) for s in stacks if s}
             runs |= {name: (lambda i, p=profile, d=det, e=exported[name]: score_paths(
                 p, d, paths[int(i)], e)) for name, (profile, det) in detectors.items()}
             ms = median_times_ms(runs, index, repeats=repeats, warmup=3)
@@ -81,6 +82,11 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
         torch.set_num_threads(threads)
     return {name: DetectorCost(
         score_us=1e3 * ms[name], network_us=1e3 * ms["network"],
-        stability_us=1e3 * sum(ms[f"stability:{t}"] for t in profile.stability),
+        stability_us=1e3 * ms[_stability_run(tuple(profile.stability))] if profile.stability
+        else 0.0,
         size_bytes=detector_size(det), exported=exported[name] is not None)
         for name, (profile, det) in detectors.items()}
+
+
+def _stability_run(transforms: tuple[str, ...]) -> str:
+    return "stability:" + "+".join(transforms)

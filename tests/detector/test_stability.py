@@ -91,15 +91,23 @@ def test_stability_features_by_hand():
     assert len(both.companions["shift"]) == 2
 
 
-def test_with_companions_runs_one_pass_per_transform(tiny_decoupled_checkpoint):
+def test_with_companions_stacks_the_transforms_into_one_pass(tiny_decoupled_checkpoint):
     from detector.checkpoint import load_checkpoint
     from detector.paths import compute_path
 
     model, _ = load_checkpoint(tiny_decoupled_checkpoint)
     x = torch.rand(3, 1, 8, 8)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
     with torch.inference_mode():
         paths = with_companions(model, x, PathBatch.from_result(compute_path(model, x)),
                                 ["shift", "bits5"])
-        direct = compute_path(model, transformed("shift", x))
+    hook.remove()
+    assert calls == [1 * 3, 2 * 3]  # the images' own pass, then both copies in one
     assert set(paths.companions) == {"shift", "bits5"}
-    torch.testing.assert_close(paths.companions["shift"].logits, direct.logits)
+    with torch.inference_mode():  # each companion is its own copy's path, row for row
+        for name in ("shift", "bits5"):
+            alone = PathBatch.from_result(compute_path(model, transformed(name, x)))
+            torch.testing.assert_close(paths.companions[name].logits, alone.logits)
+            torch.testing.assert_close(paths.companions[name].gate_logits,
+                                       alone.gate_logits)
