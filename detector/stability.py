@@ -4,8 +4,8 @@ A clean input sits well inside its class: a one-pixel shift, a slight blur or a 
 depth leave its prediction and most of its gates as they were. An adversarial input is pushed
 just across a decision boundary (minimal-perturbation attacks end right at it) or carries a
 perturbation that these changes partly undo, so its prediction and path move (the idea of
-Xu et al.'s feature squeezing, NDSS 2018, applied to the computation path). Each transform costs
-one more forward pass of the network.
+Xu et al.'s feature squeezing, NDSS 2018, applied to the computation path). The transformed
+copies cost one more forward pass of the network, all of them stacked in one batch.
 
 The transforms are fixed, parameter-free and differentiable (bit-depth reduction straight-through)
 so attacks can differentiate through them:
@@ -19,6 +19,8 @@ so attacks can differentiate through them:
   it sees the image; mirrored, it meets the network's mirrored view, which is in effect another
   model, so even perturbations built to survive shifts and blur (translation-invariant attacks
   such as TIFGSM, Square's patches) lose part of their hold (docs/RESULTS.md 2.8).
+- ``mirror_shift``: the mirror image moved one pixel right and down: a second view of the
+  mirrored network, off the pixel grid of the first.
 
 :class:`detector.features.PathProfile` turns the companion paths into features (``stability``
 group).
@@ -64,15 +66,20 @@ def _mirror(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1)
 
 
+def _mirror_shift(x: torch.Tensor) -> torch.Tensor:
+    return translate(x.flip(-1), 1, 1)
+
+
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "shift": _shift, "blur": _blur, "bits5": _bits5, "mirror": _mirror}
+    "shift": _shift, "blur": _blur, "bits5": _bits5, "mirror": _mirror,
+    "mirror_shift": _mirror_shift}
 
 
 def default_transforms(mirror: bool) -> tuple[str, ...]:
-    """The stability transforms used unless told: shift, blur and bits5, and mirror too if
-    ``mirror`` (the images' classes survive a left-right flip and the classifier was trained
-    with flips)."""
-    return ("shift", "blur", "bits5", *(("mirror",) if mirror else ()))
+    """The stability transforms used unless told: shift, blur and bits5, and mirror and
+    mirror_shift too if ``mirror`` (the images' classes survive a left-right flip and the
+    classifier was trained with flips)."""
+    return ("shift", "blur", "bits5", *(("mirror", "mirror_shift") if mirror else ()))
 
 
 def check_transforms(names: Sequence[str]) -> tuple[str, ...]:

@@ -47,9 +47,16 @@ def test_mirror_flips_left_to_right_and_is_its_own_inverse():
     torch.testing.assert_close(transformed("mirror", y), x)
 
 
+def test_mirror_shift_is_the_mirror_moved_one_pixel_right_and_down():
+    x = torch.rand(2, 3, 4, 5)
+    y = transformed("mirror_shift", x)
+    torch.testing.assert_close(y[..., 1:, 1:], x.flip(-1)[..., :-1, :-1])
+    torch.testing.assert_close(y, transformed("shift", transformed("mirror", x)))
+
+
 def test_default_transforms_mirror_only_where_asked():
     assert default_transforms(False) == ("shift", "blur", "bits5")
-    assert default_transforms(True) == ("shift", "blur", "bits5", "mirror")
+    assert default_transforms(True) == ("shift", "blur", "bits5", "mirror", "mirror_shift")
     assert set(default_transforms(True)) <= set(TRANSFORMS)
 
 
