@@ -111,23 +111,22 @@ class TorchForest(nn.Module):
                                         np.where(leaf, own, tree.children_left + offset)], 1))
             positive.append(tree.value[:, 0, 1])  # scikit-learn >= 1.4 keeps class shares
         # StandardScaler casts its mean and scale to the features' float32 before using them
-        self.register_buffer("mean", _t(np.asarray(mean, dtype=np.float32)))
-        self.register_buffer("scale", _t(np.asarray(scale, dtype=np.float32)))
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)))
         self.register_buffer("feature", torch.as_tensor(np.concatenate(feature), dtype=torch.long))
         self.register_buffer("successors", torch.as_tensor(np.concatenate(successors).ravel(),
                                                            dtype=torch.long))
-        self.register_buffer("threshold", _t(np.concatenate(threshold)))
+        self.register_buffer("threshold", torch.as_tensor(_float32_below(
+            np.concatenate(threshold))))
         self.register_buffer("positive", _t(np.concatenate(positive)))
         self.register_buffer("roots", torch.as_tensor(offsets, dtype=torch.long))
         self.depth = max(t.max_depth for t in trees)
         self.a, self.b = float(a), float(b)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # StandardScaler and the trees work on float32 as scikit-learn does: each step rounds
-        # (float32 operands: float64 arithmetic rounded to float32 gives the float32 result)
-        x = features.detach().to(torch.float32).to(torch.float64)
-        x = (x - self.mean).to(torch.float32).to(torch.float64)
-        x = (x / self.scale).to(torch.float32).to(torch.float64)
+        # StandardScaler and the trees work on float32 as scikit-learn does (each operation
+        # correctly rounded, in numpy as in torch); the float32 thresholds split alike
+        x = (features.detach().to(torch.float32) - self.mean) / self.scale
         node = self.roots.expand(len(x), -1)  # (N, T): every tree walked at once
         if len(x) * len(self.feature) <= _TABLE_ELEMENTS:  # few inputs: fewest operations
             # decide every split at once, giving each node's successor for each input; the walk
@@ -143,6 +142,16 @@ class TorchForest(nn.Module):
                 node = self.successors.take(2 * node + goes_left)
         f = self.positive.take(node).mean(1)
         return torch.sigmoid(-(self.a * f + self.b))
+
+
+def _float32_below(threshold: np.ndarray) -> np.ndarray:
+    """The largest float32 at or below each float64 threshold: for a float32 value x,
+    ``x <= threshold`` exactly when ``x <= _float32_below(threshold)`` (scikit-learn's trees
+    compare float32 features with float64 thresholds)."""
+    below = threshold.astype(np.float32)
+    up = below.astype(np.float64) > threshold
+    below[up] = np.nextafter(below[up], np.float32(-np.inf))
+    return below
 
 
 def torch_detector(detector: PathDetector) -> TorchDetector | TorchForest | None:
