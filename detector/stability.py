@@ -67,7 +67,7 @@ def _mirror(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mirror_shift(x: torch.Tensor) -> torch.Tensor:
-    return translate(x.flip(-1), 1, 1)
+    return _shift(_mirror(x))
 
 
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
