@@ -14,7 +14,8 @@ open loop) run while a poller asks ``/v2/health/live`` every 20 ms:
 
 :func:`measure` reports valid-request p50/p99 in both phases, the health check's worst latency,
 5xx counts (valid and abusive), failed valid requests, peak RSS against the post-warm-up RSS
-(the kernel's high-water mark, reset after warm-up; sampled where it cannot be reset) and the
+of the server with its inference workers (the kernel's high-water marks, reset after warm-up
+and summed; sampled where they cannot be reset) and the
 abusive answers by class, with the criteria of issue 20: no 5xx, no failed valid request,
 health worst < 1 s, abuse p99 <= 3x baseline p99, peak RSS <= 1.5x post-warm-up.
 """
@@ -34,7 +35,7 @@ import numpy as np
 
 from loadtest.abusers import Target, abuser_process, describe
 from loadtest.bodies import encode_image
-from loadtest.process_stats import PeakSampler, peak_rss, process_rss, reset_peak_rss
+from loadtest.process_stats import PeakSampler, reset_tree_peak_rss, tree_peak_rss, tree_rss
 from loadtest.server import Server, serving
 from loadtest.summary import percentiles_ms
 
@@ -176,14 +177,14 @@ def measure(server: Server, key: str, rate: float, duration_s: float, warmup_s: 
     pngs = _pngs(shape, 64)
     log.info("%s: model %s %s, warm-up %g s", server.url, model, shape, warmup_s)
     asyncio.run(_traffic(server.url, key, model, shape, rate, warmup_s, pngs))
-    rss_warm = process_rss(server.pid)
-    exact_peak = reset_peak_rss(server.pid)
-    with PeakSampler(lambda: process_rss(server.pid), every=0.02) as sampler:
+    rss_warm = tree_rss(server.pid)  # the server and its inference workers
+    exact_peak = reset_tree_peak_rss(server.pid)
+    with PeakSampler(lambda: tree_rss(server.pid), every=0.02) as sampler:
         log.info("baseline: %g requests/s for %g s", rate, duration_s)
         baseline = asyncio.run(_traffic(server.url, key, model, shape, rate, duration_s, pngs))
         abuse, answers = _abused(server, key, model, shape, rate, duration_s, pause_s, slow,
                                  pngs)
-    rss_peak = peak_rss(server.pid) if exact_peak else sampler.peak
+    rss_peak = tree_peak_rss(server.pid) if exact_peak else sampler.peak
     abuse.abusive_5xx = sum(n for k, n in answers.items() if k.rsplit(":", 1)[1][:1] == "5")
     checks = {
         "no 5xx": baseline.server_errors + abuse.server_errors + abuse.abusive_5xx == 0,

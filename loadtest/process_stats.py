@@ -13,11 +13,6 @@ from types import TracebackType
 import psutil
 
 
-def process_rss(pid: int) -> int:
-    """Resident bytes of process ``pid``."""
-    return int(psutil.Process(pid).memory_info().rss)
-
-
 def tree_rss(pid: int) -> int:
     """Resident bytes of process ``pid`` and its children (server workers, if any)."""
     proc = psutil.Process(pid)
@@ -40,6 +35,11 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def tree_pids(pid: int) -> list[int]:
+    """Process ``pid`` and its live descendants (inference workers, the fork server)."""
+    return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Reset the kernel's peak-RSS mark of ``pid`` to its current RSS; False where that is not
     allowed (then sample with :class:`PeakSampler`)."""
@@ -57,6 +57,21 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def reset_tree_peak_rss(pid: int) -> bool:
+    """:func:`reset_peak_rss` for ``pid`` and each of its descendants; False if any refused."""
+    return all([reset_peak_rss(p) for p in tree_pids(pid)])
+
+
+def tree_peak_rss(pid: int) -> int:
+    """The sum of the peak-RSS marks of ``pid`` and its live descendants: an upper bound on
+    their peak together (pages they share count once per process)."""
+    total = 0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            total += peak_rss(p)
+    return total
 
 
 class PeakSampler:

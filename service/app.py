@@ -3,10 +3,10 @@
 ``create_app(settings)`` builds a fresh app with its own metrics registry and no model; the
 lifespan (run by uvicorn or ``with TestClient(app)``) loads the bundle, sets torch's thread
 count, picks the execution mode (``PATHGUARD_EXECUTION=auto`` times masked and sparse execution
-here, see :mod:`detector.execution`), warms the model up in the inference threads and starts the
-micro-batcher, and only then marks the service ready. State lives on ``app.state``:
-``settings``, ``metrics`` and ``service`` (:class:`~service.deps.ServiceState`, ``None``
-outside the lifespan).
+here, see :mod:`detector.execution`), starts the inference workers (processes or threads,
+:mod:`service.inference`) and warms them up, starts the micro-batcher, and only then marks the
+service ready. State lives on ``app.state``: ``settings``, ``metrics`` and ``service``
+(:class:`~service.deps.ServiceState`, ``None`` outside the lifespan).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncio
 import io
 import logging
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -34,6 +34,7 @@ from service.config import Settings, bundle_help
 from service.deps import PerturbState, ServiceState
 from service.errors import install_error_handlers
 from service.imaging import decode_image
+from service.inference import inference_pool
 from service.limits import BodyLimits, RateLimit
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.oip_routes import health, v2, v2_keyed
@@ -111,24 +112,20 @@ def _batch_sizes(settings: Settings) -> list[int]:
     return sorted({1, _max_batch(settings)})
 
 
-async def _plan(bundle: Bundle, executor: Executor, settings: Settings) -> ExecutionPlan:
-    """The configured execution mode, or for ``auto`` the faster one measured here."""
+async def _plan(bundle: Bundle, settings: Settings) -> ExecutionPlan:
+    """The configured execution mode, or for ``auto`` the faster one measured here (in a
+    thread of this process, with the inference threads' torch settings)."""
     if settings.execution != "auto":
         return fixed_plan(settings.execution)
-    loop = asyncio.get_running_loop()
-    plan = await loop.run_in_executor(executor, partial(
+    plan = await anyio.to_thread.run_sync(partial(
         plan_execution, bundle.analyze, bundle.spec.input_shape, _batch_sizes(settings)))
     log.info("execution auto: %s", plan.describe())
     return plan
 
 
-def _analyze(bundle: Bundle, plan: ExecutionPlan, images: torch.Tensor) -> Analysis:
-    return bundle.analyze(images, execution=plan.for_batch(len(images)))
-
-
 async def _warm_up(run: Callable[[torch.Tensor], Analysis], input_shape: tuple[int, ...],
                    executor: Executor, settings: Settings) -> None:
-    """Run the model at batch sizes 1 and max in every inference thread, and one decode."""
+    """Run the model at batch sizes 1 and max in every inference worker, and one decode."""
     c, h, w = input_shape
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(executor, run, torch.zeros(n, c, h, w))
@@ -152,11 +149,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("%s", message)
         raise BundleError(message) from None
     async with AsyncExitStack() as stack:
-        executor = ThreadPoolExecutor(settings.inference_workers,
-                                      thread_name_prefix="pathguard-inference")
+        plan = await _plan(bundle, settings)
+        executor, run = inference_pool(settings.inference, bundle, plan,
+                                       settings.inference_workers, settings.inference_threads)
         stack.callback(executor.shutdown, wait=True)
-        plan = await _plan(bundle, executor, settings)
-        run = partial(_analyze, bundle, plan)
         await _warm_up(run, bundle.spec.input_shape, executor, settings)
         batcher = app.state.batcher_factory(
             run, executor,
@@ -178,10 +174,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = state
         state.ready = True
         log.info("ready: model %s version %s from %s (input %s, %d classes, threshold %.3f at "
-                 "target FPR %.3f; %d inference thread(s), micro-batching %s; perturb demo %s)",
+                 "target FPR %.3f; inference in %d %s(s) of %d torch thread(s), micro-batching %s; "
+                 "perturb demo %s)",
                  card.name, card.version, settings.bundle, "x".join(map(str, card.input_shape)),
                  len(card.labels), card.threshold, card.target_fpr,
-                 settings.inference_threads,
+                 settings.inference_workers, settings.inference, settings.inference_threads,
                  f"up to {settings.max_batch_size}" if settings.micro_batch else "off",
                  f"on, {settings.perturb_per_minute}/min" if settings.perturb else "off")
         try:

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "PATHGUARD_"
 DEFAULT_BUNDLE = Path("runs/digits/detector/bundle")
+#: Where forward passes run (:mod:`service.inference`).
+InferenceMode = Literal["process", "thread"]
 
 
 class Settings(BaseSettings):
@@ -38,9 +40,14 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="one log line per request (metrics count "
                              "requests either way)")
 
-    inference_threads: int = Field(1, ge=1, description="torch intra-op threads per process")
+    inference: InferenceMode = Field(
+        "process", description="where forward passes run: process, worker processes with "
+        "their own copy of the bundle, so that request parsing in the server process cannot "
+        "hold them up; thread, threads of the server process (less memory, no start-up)")
+    inference_threads: int = Field(1, ge=1, description="torch intra-op threads per "
+                                   "inference worker")
     inference_workers: int = Field(1, ge=1, description="forward passes that may run at once "
-                                   "(size of the inference thread pool)")
+                                   "(inference worker processes or threads)")
     decode_workers: int = Field(2, ge=1, description="image decodes that may run at once")
     micro_batch: bool = Field(True, description="merge concurrent requests into one forward "
                               "pass")

@@ -56,7 +56,9 @@ class PathguardReplica:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         batcher = partial(ServeBatcher, max_files=self._settings.max_files)
-        return create_app(self._settings, batcher=batcher)
+        # Serve's proxy parses HTTP in its own process: the replica's passes run in threads
+        return create_app(self._settings.model_copy(update={"inference": "thread"}),
+                          batcher=batcher)
 
     def check_health(self) -> None:
         """Serve's periodic replica health check: the app must still hold a ready model."""

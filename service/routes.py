@@ -8,7 +8,9 @@ parsed (:mod:`service.bodies`). The Open Inference Protocol routes are in
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import BrokenExecutor
 from functools import partial
 from typing import Annotated
 
@@ -25,6 +27,8 @@ from service.errors import ApiError
 from service.imaging import DecodedImage, DecodeErrorKind, ImageDecodeError, decode_image
 from service.results import image_result
 from service.schemas import BatchResponse, ClassifyResponse, Timing, error_responses
+
+log = logging.getLogger(__name__)
 
 images = APIRouter(route_class=MultipartRoute, tags=["classify"])
 metrics_router = APIRouter(route_class=MetricsRoute, tags=["health"])
@@ -80,12 +84,18 @@ async def decode_uploads(service: ServiceState, uploads: list[UploadFile], *, na
 
 
 async def analyze(service: ServiceState, images: torch.Tensor) -> BatchResult:
-    """images: (N, C, H, W) float32 in [0, 1]; 503 if the queue is full."""
+    """images: (N, C, H, W) float32 in [0, 1]; 503 if the queue is full, or if the inference
+    workers are gone (then the service stops being ready, for good: restart it)."""
     try:
         return await service.batcher.submit(images)
     except OverloadedError as e:
         raise ApiError(503, "overloaded", f"{e}; retry shortly",
                        headers={"Retry-After": "1"}) from None
+    except BrokenExecutor:
+        service.ready = False
+        log.critical("an inference worker died: the service is not ready any more; restart it")
+        raise ApiError(503, "inference_failed", "the inference worker died; the server must be "
+                       "restarted") from None
 
 
 def _timing(start: float, decode_s: float, result: BatchResult) -> Timing:

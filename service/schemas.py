@@ -272,7 +272,8 @@ ERROR_DESCRIPTIONS = {
          "not_an_image, unsupported_format)",
     422: "a well-formed body or query with missing or invalid fields (code validation_error)",
     429: "too many /perturb requests (code rate_limited)",
-    503: "queue full, or the model not loaded yet (codes overloaded, not_ready)",
+    503: "queue full, the model not loaded yet, or the inference worker gone (codes overloaded, "
+         "not_ready, inference_failed)",
 }
 
 #: Headers that come with some error statuses.

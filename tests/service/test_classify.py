@@ -188,7 +188,8 @@ def test_unknown_route_and_method(client):
 
 
 def test_overload_gives_503(make_settings, digit_png):
-    app = create_app(make_settings(max_queue=1, max_files=1))
+    # threads: the test holds the slot with a function of its own, which a process can't run
+    app = create_app(make_settings(max_queue=1, max_files=1, inference="thread"))
     gate, started = threading.Event(), threading.Event()
     with TestClient(app) as client:
         service = app.state.service
