@@ -30,8 +30,8 @@ from torch import nn
 
 from detector.estimator import PathDetector
 
-#: Largest (inputs x nodes) split table :class:`TorchForest` decides at once (a 100-tree forest
-#: has some 40,000 nodes: a few inputs); more inputs walk the trees level by level.
+#: Largest (inputs x split nodes) table :class:`TorchForest` decides at once (a 100-tree forest
+#: has some 15,000 split nodes: a few inputs); more inputs walk the trees level by level.
 _TABLE_ELEMENTS = 1 << 17
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "logistic": torch.sigmoid,
@@ -98,28 +98,39 @@ class TorchForest(nn.Module):
                  a: float, b: float) -> None:
         super().__init__()
         trees = [e.tree_ for e in forest.estimators_]
+        # every tree's nodes in one numbering: first the split nodes of all trees, then the
+        # leaves, so that the splits a batch-1 walk decides are one contiguous slice
+        leaf = np.concatenate([t.children_left < 0 for t in trees])
         sizes = np.array([t.node_count for t in trees])
         offsets = np.r_[0, np.cumsum(sizes)[:-1]]
-        feature, threshold, successors, positive = [], [], [], []
-        for tree, offset in zip(trees, offsets, strict=True):
-            own = np.arange(tree.node_count) + offset
-            leaf = tree.children_left < 0
-            feature.append(np.where(leaf, 0, tree.feature))
-            threshold.append(np.where(leaf, 0.0, tree.threshold))
-            # node n's right child at 2n, its left child at 2n + 1 (a leaf's both itself)
-            successors.append(np.stack([np.where(leaf, own, tree.children_right + offset),
-                                        np.where(leaf, own, tree.children_left + offset)], 1))
-            positive.append(tree.value[:, 0, 1])  # scikit-learn >= 1.4 keeps class shares
+        order = np.argsort(leaf, kind="stable")  # new id -> old id
+        new_id = np.empty(len(leaf), dtype=np.int64)
+        new_id[order] = np.arange(len(leaf))
+        old = np.arange(len(leaf))
+
+        def cat(part: str) -> np.ndarray:
+            return np.concatenate([getattr(t, part) for t in trees])
+
+        def renumbered(children: np.ndarray) -> np.ndarray:  # a leaf's child: itself
+            return new_id[np.where(leaf, old, children + np.repeat(offsets, sizes))]
+
+        right, left = renumbered(cat("children_right")), renumbered(cat("children_left"))
+        positive = np.concatenate([t.value[:, 0, 1] for t in trees])  # class shares (>= 1.4)
         # StandardScaler casts its mean and scale to the features' float32 before using them
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
         self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)))
-        self.register_buffer("feature", torch.as_tensor(np.concatenate(feature), dtype=torch.long))
-        self.register_buffer("successors", torch.as_tensor(np.concatenate(successors).ravel(),
-                                                           dtype=torch.long))
+        # per node, in the new numbering: the feature and threshold it splits on (leaves: 0),
+        # its right child and left minus right child (leaves: itself and 0), its class share
+        self.register_buffer("feature", torch.as_tensor(np.where(leaf, 0, cat("feature"))[order],
+                                                        dtype=torch.long))
         self.register_buffer("threshold", torch.as_tensor(_float32_below(
-            np.concatenate(threshold))))
-        self.register_buffer("positive", _t(np.concatenate(positive)))
-        self.register_buffer("roots", torch.as_tensor(offsets, dtype=torch.long))
+            np.where(leaf, 0.0, cat("threshold"))[order])))
+        self.register_buffer("right", torch.as_tensor(right[order], dtype=torch.long))
+        self.register_buffer("delta", torch.as_tensor((left - right)[order], dtype=torch.long))
+        self.register_buffer("positive", _t(positive[order]))
+        self.register_buffer("roots", torch.as_tensor(new_id[offsets], dtype=torch.long))
+        self.splits = int((~leaf).sum())
+        self.register_buffer("leaves", torch.arange(self.splits, len(leaf)))
         self.depth = max(t.max_depth for t in trees)
         self.a, self.b = float(a), float(b)
 
@@ -128,18 +139,19 @@ class TorchForest(nn.Module):
         # correctly rounded, in numpy as in torch); the float32 thresholds split alike
         x = (features.detach().to(torch.float32) - self.mean) / self.scale
         node = self.roots.expand(len(x), -1)  # (N, T): every tree walked at once
-        if len(x) * len(self.feature) <= _TABLE_ELEMENTS:  # few inputs: fewest operations
-            # decide every split at once, giving each node's successor for each input; the walk
-            # is then one lookup per level
-            split = x.index_select(1, self.feature) <= self.threshold  # (N, nodes)
-            right, left = self.successors.view(-1, 2).unbind(1)
-            successor = torch.where(split, left, right)
+        if len(x) * self.splits <= _TABLE_ELEMENTS:  # few inputs: fewest operations
+            # decide every split at once, giving each node's successor for each input (a leaf
+            # is its own); the walk is then one lookup per level
+            s = self.splits
+            goes_left = x.index_select(1, self.feature[:s]) <= self.threshold[:s]  # (N, splits)
+            successor = torch.cat([self.right[:s] + goes_left * self.delta[:s],
+                                   self.leaves.expand(len(x), -1)], 1)  # (N, nodes)
             for _ in range(self.depth):
                 node = successor.gather(1, node)
         else:  # many inputs: decide only the splits on their paths
             for _ in range(self.depth):  # take(): cheaper than indexing with a tensor
                 goes_left = x.gather(1, self.feature.take(node)) <= self.threshold.take(node)
-                node = self.successors.take(2 * node + goes_left)
+                node = self.right.take(node) + goes_left * self.delta.take(node)
         f = self.positive.take(node).mean(1)
         return torch.sigmoid(-(self.a * f + self.b))
 
