@@ -52,7 +52,7 @@ DOCUMENTED_CODES = frozenset({
     "unauthorized", "unknown_model", "not_found", "method_not_allowed", "request_timeout",
     "content_too_large", "image_too_large", "image_too_complex", "not_an_image",
     "unsupported_format", "validation_error", "rate_limited", "internal", "overloaded",
-    "not_ready",
+    "not_ready", "inference_failed",
 })
 #: Small limits, as in conftest's shared app, so that fuzzed requests can reach them.
 LIMITS = {"max_files": 4, "max_queue": 64, "max_image_pixels": 10_000, "max_body_bytes": 200_000}
