@@ -1,7 +1,7 @@
 """An async micro-batcher: concurrent requests share one forward pass, off the event loop.
 
 Requests :meth:`MicroBatcher.submit` image tensors; a collector task hands the queued ones,
-up to ``max_batch`` images, to a free inference worker (a thread of the executor) as one
+up to ``max_batch`` images, to a free inference worker (the executor's process or thread) as one
 stacked batch, and gives each request its own rows of the result. While all workers are busy,
 new requests queue up, so under load batches grow by themselves; an idle batcher waits at
 most ``max_wait_s`` for company (0: runs what is queued at once, no added latency).
