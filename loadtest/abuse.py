@@ -15,9 +15,9 @@ open loop) run while a poller asks ``/v2/health/live`` every 20 ms:
 :func:`measure` reports valid-request p50/p99 in both phases, the health check's worst latency,
 5xx counts (valid and abusive), failed valid requests, peak RSS against the post-warm-up RSS
 of the server with its inference workers (the kernel's high-water marks, reset after warm-up
-and summed; sampled where they cannot be reset) and the
-abusive answers by class, with the criteria of issue 20: no 5xx, no failed valid request,
-health worst < 1 s, abuse p99 <= 3x baseline p99, peak RSS <= 1.5x post-warm-up.
+and summed; sampled where they cannot be reset) and the abusive answers by class, with the
+criteria of issue 20: no 5xx, no failed valid request, health worst < 1 s, abuse p99 <= 3x
+baseline p99, peak RSS <= 1.5x post-warm-up.
 """
 
 from __future__ import annotations

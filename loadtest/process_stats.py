@@ -13,31 +13,30 @@ from types import TracebackType
 import psutil
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and its children (server workers, if any)."""
+def tree(pid: int) -> list[psutil.Process]:
+    """Process ``pid`` and its live descendants (server workers, inference workers, the fork
+    server that starts them)."""
     proc = psutil.Process(pid)
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
+    return [proc, *proc.children(recursive=True)]
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and its descendants."""
+    total = 0
+    for proc in tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += child.memory_info().rss
+            total += proc.memory_info().rss
     return int(total)
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) of process ``pid`` and its live children."""
-    procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
+    """CPU seconds (user + system, all threads) of process ``pid`` and its live descendants."""
     total = 0.0
-    for proc in procs:
+    for proc in tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
             t = proc.cpu_times()
             total += t.user + t.system
     return total
-
-
-def tree_pids(pid: int) -> list[int]:
-    """Process ``pid`` and its live descendants (inference workers, the fork server)."""
-    return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -61,16 +60,16 @@ def peak_rss(pid: int) -> int:
 
 def reset_tree_peak_rss(pid: int) -> bool:
     """:func:`reset_peak_rss` for ``pid`` and each of its descendants; False if any refused."""
-    return all([reset_peak_rss(p) for p in tree_pids(pid)])
+    return all([reset_peak_rss(p.pid) for p in tree(pid)])  # a list: reset every one
 
 
 def tree_peak_rss(pid: int) -> int:
     """The sum of the peak-RSS marks of ``pid`` and its live descendants: an upper bound on
     their peak together (pages they share count once per process)."""
     total = 0
-    for p in tree_pids(pid):
-        with contextlib.suppress(OSError):
-            total += peak_rss(p)
+    for p in tree(pid):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            total += peak_rss(p.pid)
     return total
 
 
