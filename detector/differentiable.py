@@ -120,17 +120,20 @@ class TorchForest(nn.Module):
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
         self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)))
         # per node, in the new numbering: the feature and threshold it splits on (leaves: 0),
-        # its right child and left minus right child (leaves: itself and 0), its class share
+        # its left and right children (a leaf's: itself), its class share. Node ids and features
+        # are int32: half the bytes of the tables a walk reads, which at batch 1 are mostly out
+        # of cache after the network's pass
+        ids = dict(dtype=torch.int32)
         self.register_buffer("feature", torch.as_tensor(np.where(leaf, 0, cat("feature"))[order],
-                                                        dtype=torch.long))
+                                                        **ids))
         self.register_buffer("threshold", torch.as_tensor(_float32_below(
             np.where(leaf, 0.0, cat("threshold"))[order])))
-        self.register_buffer("right", torch.as_tensor(right[order], dtype=torch.long))
-        self.register_buffer("delta", torch.as_tensor((left - right)[order], dtype=torch.long))
+        self.register_buffer("left", torch.as_tensor(left[order], **ids))
+        self.register_buffer("right", torch.as_tensor(right[order], **ids))
         self.register_buffer("positive", _t(positive[order]))
-        self.register_buffer("roots", torch.as_tensor(new_id[offsets], dtype=torch.long))
+        self.register_buffer("roots", torch.as_tensor(new_id[offsets], **ids))
         self.splits = int((~leaf).sum())
-        self.register_buffer("leaves", torch.arange(self.splits, len(leaf)))
+        self.register_buffer("leaves", torch.arange(self.splits, len(leaf), **ids))
         self.depth = max(t.max_depth for t in trees)
         self.a, self.b = float(a), float(b)
 
@@ -138,21 +141,29 @@ class TorchForest(nn.Module):
         # StandardScaler and the trees work on float32 as scikit-learn does (each operation
         # correctly rounded, in numpy as in torch); the float32 thresholds split alike
         x = (features.detach().to(torch.float32) - self.mean) / self.scale
-        node = self.roots.expand(len(x), -1)  # (N, T): every tree walked at once
-        if len(x) * self.splits <= _TABLE_ELEMENTS:  # few inputs: fewest operations
+        n, nodes = len(x), len(self.positive)
+        if n * self.splits <= _TABLE_ELEMENTS:  # few inputs: fewest operations
             # decide every split at once, giving each node's successor for each input (a leaf
-            # is its own); the walk is then one lookup per level
+            # is its own); the walk is then one lookup per level, in one flat table where
+            # input r's node j is at r * nodes + j
             s = self.splits
             goes_left = x.index_select(1, self.feature[:s]) <= self.threshold[:s]  # (N, splits)
-            successor = torch.cat([self.right[:s] + goes_left * self.delta[:s],
-                                   self.leaves.expand(len(x), -1)], 1)  # (N, nodes)
+            successor = torch.cat([torch.where(goes_left, self.left[:s], self.right[:s]),
+                                   self.leaves.expand(n, -1)], 1)  # (N, nodes)
+            node = self.roots
+            if n > 1:
+                base = torch.arange(0, n * nodes, nodes, dtype=torch.int32)[:, None]  # (N, 1)
+                successor, node = successor + base, node + base
+            table, node = successor.flatten(), node.flatten()
             for _ in range(self.depth):
-                node = successor.gather(1, node)
-        else:  # many inputs: decide only the splits on their paths
-            for _ in range(self.depth):  # take(): cheaper than indexing with a tensor
-                goes_left = x.gather(1, self.feature.take(node)) <= self.threshold.take(node)
-                node = self.right.take(node) + goes_left * self.delta.take(node)
-        f = self.positive.take(node).mean(1)
+                node = table.index_select(0, node)
+            node = node.view(n, -1) if n == 1 else node.view(n, -1) - base  # (N, T)
+        else:  # many inputs: decide only the splits on their paths, (N, T) nodes at a time
+            node = self.roots.expand(n, -1)
+            for _ in range(self.depth):
+                at = x.gather(1, self.feature[node].long())
+                node = torch.where(at <= self.threshold[node], self.left[node], self.right[node])
+        f = self.positive[node].mean(1)
         return torch.sigmoid(-(self.a * f + self.b))
 
 

@@ -44,7 +44,7 @@ differentiable with respect to the input.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +87,10 @@ class PathBatch:
     bits: Mapping[str, torch.Tensor]
     gate_logits: Mapping[str, torch.Tensor]
     companions: Mapping[str, PathBatch] = field(default_factory=dict)
+    # layer names -> their (bits, gate logits) side by side, filled by flat() (not a field of
+    # the value: two batches with the same paths are equal whatever either has computed)
+    _flat: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logits", _tensor(self.logits))
@@ -123,6 +127,27 @@ class PathBatch:
 
     def __len__(self) -> int:
         return len(self.logits)
+
+    def flat(self, layers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bits and gate logits of ``layers``, in that order, side by side: two (N, D)
+        float64 tensors, D the layers' filters together. Computed once per batch and order
+        (the features read them several times; they keep the graph of straight-through bits).
+        """
+        key = tuple(layers)
+        if key not in self._flat:
+            self._flat[key] = (torch.cat([self.bits[k] for k in key], 1).to(torch.float64),
+                               torch.cat([self.gate_logits[k] for k in key], 1).to(torch.float64))
+        return self._flat[key]
+
+    def rows(self, start: int, stop: int) -> PathBatch:
+        """The paths ``start:stop`` as views (companions and computed :meth:`flat` too)."""
+        part = PathBatch(self.logits[start:stop],
+                         {k: v[start:stop] for k, v in self.bits.items()},
+                         {k: v[start:stop] for k, v in self.gate_logits.items()},
+                         {k: v.rows(start, stop) for k, v in self.companions.items()})
+        part._flat.update({key: (b[start:stop], g[start:stop])
+                           for key, (b, g) in self._flat.items()})
+        return part
 
     @staticmethod
     def concat(batches: list[PathBatch]) -> PathBatch:
@@ -213,24 +238,37 @@ class PathProfile:
         # every layer side by side, so that scoring is a few tensor operations, not a few per
         # layer (small batches are dominated by per-operation overhead): (K, D), D = sum of C
         freq = torch.cat([lp.freq for lp in layers.values()], dim=1)
-        self._log_freq, self._log1m_freq = torch.log(freq), torch.log1p(-freq)
-        self._majority = (freq > 0.5).to(torch.float64)
+        log_freq, log1m_freq = torch.log(freq), torch.log1p(-freq)
+        majority = (freq > 0.5).to(torch.float64)
         self._mean = torch.cat([lp.mean for lp in layers.values()], dim=1)
         self._inv_var = 1.0 / torch.cat([lp.var for lp in layers.values()], dim=1)
         # (D, L): averages each layer's filters
         sizes = [lp.freq.shape[1] for lp in layers.values()]
-        self._layer_mean = torch.block_diag(*(torch.full((c, 1), 1.0 / c, dtype=torch.float64)
-                                              for c in sizes))
+        avg = torch.block_diag(*(torch.full((c, 1), 1.0 / c, dtype=torch.float64)
+                                 for c in sizes))
+        self._layer_mean = avg
+        # everything linear in the bits as one matrix product b @ table + offset, (N, columns):
+        # per class and layer the bits' NLL (-sum of log(1 - f) + b * (log(1 - f) - log f),
+        # averaged) and their distance to the majority bits (m + b * (1 - 2m), averaged), the
+        # open share per layer and, with class heads, every layer's head logits
+        k, d = freq.shape
+        n_layers = avg.shape[1]
+
+        def per_class(weight: torch.Tensor) -> torch.Tensor:  # (K, D) -> (D, K * L)
+            return (weight.T[:, :, None] * avg[:, None, :]).reshape(d, k * n_layers)
+
+        tables = [per_class(log1m_freq - log_freq), per_class(1 - 2 * majority), avg]
+        offsets = [-(log1m_freq @ avg).flatten(), (majority @ avg).flatten(),
+                   torch.zeros(n_layers, dtype=torch.float64)]
+        if self.has_heads:  # every layer's head applied to its own filters' bits
+            tables.append(torch.block_diag(*(lp.head_weight.T  # type: ignore[union-attr]
+                                             for lp in layers.values())))
+            offsets.append(torch.cat([lp.head_bias for lp in layers.values()]))  # type: ignore[misc]
+        self._bit_table, self._bit_offset = torch.cat(tables, 1), torch.cat(offsets)
         self._anomaly_mean = torch.tensor([lp.anomaly_mean for lp in layers.values()],
                                           dtype=torch.float64)
         self._anomaly_std = torch.tensor([lp.anomaly_std for lp in layers.values()],
                                          dtype=torch.float64)
-        if self.has_heads:  # (D, L*K): every layer's head applied to its own filters' bits
-            k = len(freq)
-            self._head_weight = torch.block_diag(*(lp.head_weight.T  # type: ignore[union-attr]
-                                                   for lp in layers.values()))
-            self._head_bias = torch.cat([lp.head_bias for lp in layers.values()])  # type: ignore[misc]
-            self._num_classes = k
 
     @classmethod
     def fit(cls, paths: PathBatch, labels: ArrayLike, num_classes: int,
@@ -301,13 +339,13 @@ class PathProfile:
         # every transform at once: (S, N, ...) stacks, one operation per statistic
         p = torch.softmax(paths.logits.to(torch.float64), 1)  # (N, K)
         q = torch.softmax(torch.stack([o.logits for o in others]).to(torch.float64), 2)
-        b = torch.cat([paths.bits[k] for k in self.layers], dim=1).to(torch.float64)
-        b_t = torch.stack([torch.cat([o.bits[k] for k in self.layers], dim=1)
-                           for o in others]).to(torch.float64)  # (S, N, D)
+        b = paths.flat(self.layers)[0]  # (N, D)
+        b_t = torch.stack([o.flat(self.layers)[0] for o in others])  # (S, N, D)
         changed = p.detach().argmax(1) != q.detach().argmax(2)  # (S, N)
+        flipped = torch.addcmul(b + b_t, b, b_t, value=-2)  # b != b_t, for bits in {0, 1}
         parts = torch.cat([(p - q).abs().sum(2, keepdim=True),
                            changed.to(torch.float64)[..., None],
-                           (b + b_t - 2 * b * b_t) @ self._layer_mean],  # share of flipped bits
+                           flipped @ self._layer_mean],  # share of flipped bits per layer
                           dim=2)  # (S, N, 2 + L)
         return parts.transpose(0, 1).reshape(n, s * parts.shape[2])
 
@@ -323,23 +361,25 @@ class PathProfile:
         ``paths``.
         """
         classes = _tensor(classes).long()
-        b = torch.cat([paths.bits[k] for k in self.layers], dim=1).to(torch.float64)  # (N, D)
-        g = torch.cat([paths.gate_logits[k] for k in self.layers], dim=1).to(torch.float64)
-        k, d = self._mean.shape
+        b, g = paths.flat(self.layers)  # (N, D)
+        linear = torch.addmm(self._bit_offset, b, self._bit_table)  # see __init__
+        (k, d), layers = self._mean.shape, self._layer_mean.shape[1]
         rows = max(1, _CHUNK_ELEMENTS // (k * d))  # bounds the (rows, K, D) intermediates
-        parts = [self._stats(b[i:i + rows], g[i:i + rows], classes[i:i + rows])
+        parts = [self._stats(linear[i:i + rows], g[i:i + rows], classes[i:i + rows])
                  for i in range(0, len(b), rows)]
         stats = parts[0] if len(parts) == 1 else {
             s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
         if self.has_heads:
-            stats.update(self._class_evidence(b, _tensor(paths.logits), classes))
+            heads = linear[:, (2 * k + 1) * layers:]
+            stats.update(self._class_evidence(heads, _tensor(paths.logits), classes))
         return stats
 
-    def _class_evidence(self, b: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor
+    def _class_evidence(self, heads: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor
                         ) -> dict[str, torch.Tensor]:
-        """b: (N, D) bits of every layer, logits (N, K), classes (N,) -> HEAD_STATS, (N, L)."""
-        n, k = len(b), self._num_classes
-        log_q = torch.log_softmax((b @ self._head_weight + self._head_bias).view(n, -1, k), -1)
+        """heads: (N, L * K) every layer's head logits, logits (N, K), classes (N,) ->
+        HEAD_STATS, (N, L)."""
+        n, k = len(heads), len(self._mean)
+        log_q = torch.log_softmax(heads.view(n, -1, k), -1)
         q = log_q.exp()  # (N, L, K)
         picked = log_q.gather(2, classes.view(n, 1, 1).expand(n, log_q.shape[1], 1))[..., 0]
         uniform = torch.full((n, 1, k), -math.log(k), dtype=log_q.dtype)
@@ -350,22 +390,25 @@ class PathProfile:
                 "head_shift": (q * (log_q - before)).sum(2),
                 "head_kl": (log_p.exp() * (log_p - log_q)).sum(2)}
 
-    def _stats(self, b: torch.Tensor, g: torch.Tensor, classes: torch.Tensor
+    def _stats(self, linear: torch.Tensor, g: torch.Tensor, classes: torch.Tensor
                ) -> dict[str, torch.Tensor]:
-        """b, g: (N, D) bits and gate logits of every layer; classes (N,) -> (N, L) stats."""
+        """linear: (N, 2 K L + L + ...) the bits' products with the table (see __init__), g (N, D)
+        gate logits of every layer, classes (N,) -> (N, L) stats."""
+        n, (k, layers) = len(g), (len(self._mean), self._layer_mean.shape[1])
         avg = self._layer_mean  # (D, L)
-        rows = torch.arange(len(classes))
-        nll_all = -(b[:, None] * self._log_freq + (1 - b[:, None]) * self._log1m_freq) @ avg
-        dist_all = ((g[:, None] - self._mean) ** 2 * self._inv_var) @ avg  # (N, K, L)
-        majority = self._majority[classes]  # (N, D)
-        nll, dist = nll_all[rows, classes], dist_all[rows, classes]  # (N, L)
-        return {"bit_nll": nll,
-                "bit_excess": nll - nll_all.min(1).values,
-                "hamming": (b + majority - 2 * b * majority) @ avg,  # share of b != majority
-                "logit_dist": dist,
-                "logit_excess": dist - dist_all.min(1).values,
+        dist_all = ((g[:, None] - self._mean).square() * self._inv_var) @ avg  # (N, K, L)
+        # per class: the bits' NLL, their distance to the majority bits, the logits' distance
+        every = torch.cat([linear[:, :2 * k * layers].view(n, 2, k, layers),
+                           dist_all[:, None]], 1)  # (N, 3, K, L)
+        picked = every.gather(2, classes.view(n, 1, 1, 1).expand(n, 3, 1, layers))[:, :, 0]
+        excess = picked[:, 0::2] - every[:, 0::2].amin(2)  # (N, 2, L): NLL, logit distance
+        return {"bit_nll": picked[:, 0],
+                "bit_excess": excess[:, 0],
+                "hamming": picked[:, 1],  # share of b != majority
+                "logit_dist": picked[:, 2],
+                "logit_excess": excess[:, 1],
                 "margin": g.abs() @ avg,
-                "open": b @ avg}
+                "open": linear[:, 2 * k * layers:(2 * k + 1) * layers]}
 
     def anomaly(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(N, L) per-layer anomaly z-scores from :meth:`layer_stats` output."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.differentiable import TorchDetector, TorchForest, torch_detector
+from detector.differentiable import _TABLE_ELEMENTS, TorchDetector, TorchForest, torch_detector
 from detector.estimator import PathDetector
 
 
@@ -58,9 +58,13 @@ def test_forest_export_equals_predict_proba_one_by_one_and_in_batches(data):
         batched = exported(torch.from_numpy(features))  # walks the trees level by level
         single = torch.cat([exported(torch.from_numpy(features[i:i + 1]))  # a split table
                             for i in range(50)])
+        few = torch.cat([exported(torch.from_numpy(features[i:i + 3]))  # one table for 3
+                         for i in range(0, 51, 3)])
         assert batched.dtype == torch.float64 and batched.shape == (len(features),)
         np.testing.assert_allclose(batched.numpy(), reference, rtol=0, atol=1e-12)
         np.testing.assert_allclose(single.numpy(), reference[:50], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(few.numpy(), reference[:51], rtol=0, atol=1e-12)
+    assert 3 * exported.splits <= _TABLE_ELEMENTS < len(X) * exported.splits  # both walks ran
     assert len(np.unique(reference)) > 20  # many leaves reached, not one constant
     features = torch.from_numpy(X[:5]).requires_grad_()
     assert not exported(features).requires_grad  # piecewise constant: no gradient to follow

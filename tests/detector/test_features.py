@@ -224,6 +224,29 @@ def test_concat_and_len(paths):
     np.testing.assert_array_equal(both.gate_logits["a"][:4], paths.gate_logits["a"])
 
 
+def test_flat_puts_layers_side_by_side_in_the_order_asked(paths):
+    bits, logits = paths.flat(["b", "a"])
+    assert bits.dtype == logits.dtype == torch.float64 and bits.shape == (4, 5)
+    np.testing.assert_array_equal(bits[:, :2], paths.bits["b"])
+    np.testing.assert_array_equal(logits[:, 2:], paths.gate_logits["a"].double())
+    assert paths.flat(["b", "a"])[0] is bits  # computed once
+    assert not torch.equal(paths.flat(["a", "b"])[0], bits)
+
+
+def test_rows_are_views_that_score_like_a_copy(profile, paths):
+    layers = list(profile.layers)
+    whole = paths.flat(layers)[0]
+    part = paths.rows(1, 3)
+    assert len(part) == 2
+    mine = part.flat(layers)[0]  # the parent's, sliced: not computed again
+    assert mine.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+    np.testing.assert_array_equal(mine, whole[1:3])
+    copy = paths.take(torch.tensor([1, 2]))
+    for name, value in profile.layer_stats(part, [1, 2]).items():
+        np.testing.assert_array_equal(value, profile.layer_stats(copy, [1, 2])[name])
+    np.testing.assert_array_equal(profile.transform(part), profile.transform(copy))
+
+
 def test_fitted_profile_survives_storage_exactly(paths):
     """A profile fitted on float32 paths scores exactly like its stored and reloaded copy."""
     prof = PathProfile.fit(paths, np.array([0, 1, 2, 0]), num_classes=3)
