@@ -1,13 +1,20 @@
 """evaluation.cost: the detector's path -> score step timed next to the network's forward pass
-in one run, and its size, on a tiny decoupled digits network."""
+in one run, and its size, on a tiny decoupled digits network; ``benchmarks/detector_cost.py``
+on a bundle of it, as users run it."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from detector.bundle import save_bundle
 from detector.checkpoint import load_checkpoint
 from detector.estimator import PathDetector
 from detector.features import PathProfile
+from detector.paths import network_macs
 from evaluation.cost import detector_costs, detector_size
 from evaluation.sets import extract_paths
 from training.data import load_dataset, to_float
@@ -26,11 +33,11 @@ def fitted(tiny_decoupled_checkpoint):
     y = np.r_[np.zeros(len(x)), np.ones(len(x))]
     detectors = {m: (profile, PathDetector(model=m, random_state=0).fit(X, y))
                  for m in ("logistic", "random_forest", "hist_gb")}
-    return model, x[:4], detectors
+    return model, spec, x[:4], detectors
 
 
 def test_costs_are_measured_side_by_side(fitted):
-    model, images, detectors = fitted
+    model, _, images, detectors = fitted
     threads = torch.get_num_threads()
     costs = detector_costs(model, images, detectors, repeats=5)
     assert torch.get_num_threads() == threads  # restored
@@ -44,6 +51,29 @@ def test_costs_are_measured_side_by_side(fitted):
 
 
 def test_size_is_the_compressed_detector(fitted):
-    _, _, detectors = fitted
+    *_, detectors = fitted
     small, large = (detector_size(detectors[m][1]) for m in ("logistic", "random_forest"))
     assert 0 < small < large
+
+
+def test_benchmark_prints_the_ratio_per_run_and_names_bad_values(fitted, tmp_path):
+    model, spec, _, detectors = fitted
+    profile, detector = detectors["random_forest"]
+    bundle = save_bundle(tmp_path / "bundle", name="digits", model=model, spec=spec,
+                         profile=profile, detector=detector,
+                         network_macs=network_macs(model, spec.input_shape))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "detector_cost.py"
+
+    def run(*argv: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), "--bundle", str(bundle),
+                               *map(str, argv)], capture_output=True, text=True, timeout=300)
+
+    result = run("--dataset", "digits", "--images", 3, "--rounds", 3, "--runs", 2)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "2"]
+    for _, score, network, ratio, stability in rows:
+        assert float(score) > 0 and float(network) > 0 and float(stability) > 0
+        assert float(ratio) == pytest.approx(float(score) / float(network), rel=0.05, abs=2e-3)
+    bad = run("--dataset", "digits", "--rounds", 0)
+    assert bad.returncode == 2 and "--rounds must be >= 1, got 0" in bad.stderr
