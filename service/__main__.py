@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               "access_log": settings.access_log, "log_config": _log_config(settings.log_level),
               "timeout_graceful_shutdown": settings.shutdown_timeout,
               "timeout_keep_alive": settings.keep_alive_timeout,
-              "http": protocol_factory(settings.header_timeout, settings.max_connections)}
+              "http": protocol_factory(settings.header_timeout, settings.max_connections,
+                                       settings.http)}
     with _sigterm_after_shutdown_is_clean():
         if settings.workers == 1:
             uvicorn.run(create_app(settings, bundle), **common)

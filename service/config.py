@@ -77,6 +77,9 @@ class Settings(BaseSettings):
                                       "connection stays open between requests")
     max_connections: int = Field(512, ge=1, description="open connections per server "
                                  "process; a connection beyond it gets 503 and is closed")
+    http: Literal["httptools", "h11"] = Field(
+        "httptools", description="HTTP parser: httptools (C) or h11 (pure Python, slower: "
+        "under abusive traffic its parsing holds up valid requests)")
 
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body; "
                                 "beyond it 413")

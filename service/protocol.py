@@ -1,10 +1,13 @@
-"""The HTTP/1.1 connection: uvicorn's h11 protocol plus a header deadline and a connection cap.
+"""The HTTP/1.1 connection: uvicorn's HTTP protocol plus a header deadline and a connection cap.
 
+The server parses HTTP with httptools (C) by default, h11 (pure Python) on request
+(``PATHGUARD_HTTP``): under abusive traffic every byte a trickling client sends is parsed in
+the server process, on the interpreter lock that valid requests need too (docs/SECURITY.md).
 uvicorn (0.54) closes a keep-alive connection that stays silent ``timeout_keep_alive``
 seconds after a response, but nothing else: a connection that never sends a byte, or sends
 its headers one byte a second, is held for ever, and ``limit_concurrency`` answers 503 to
-new *requests* while the silent connections it counts stay open. :class:`GuardedH11Protocol`
-adds two rules:
+new *requests* while the silent connections it counts stay open. The guarded protocols
+(:data:`PROTOCOLS`) add two rules:
 
 - **header deadline**: a connection must deliver a complete request head within
   ``header_timeout`` seconds of connecting or of its previous response; otherwise it gets
@@ -26,7 +29,8 @@ from http import HTTPStatus
 from typing import Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from service.errors import error_body
@@ -46,21 +50,29 @@ def raw_response(status: int, code: str, message: str, headers: dict[str, str] |
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's H11Protocol with a deadline for request heads and a cap on connections."""
+class _ConnectionGuard:
+    """The header deadline and the connection cap, for a uvicorn HTTP protocol class (mixed in
+    before it). A subclass calls :meth:`_head_arrived` once the parser has a complete request
+    head, and :meth:`_arm` when a response completes with no request head waiting."""
+
+    # what the uvicorn protocol class provides
+    connections: set[Any]
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None, *, header_timeout: float,
                  max_connections: int) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+        super().__init__(config, server_state, app_state, _loop)  # type: ignore[call-arg]
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_of: RequestResponseCycle | None = None  # the cycle before the awaited head
+        self._head_of: Any = None  # the cycle before the awaited head
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         if len(self.connections) > self.max_connections:
             self._refuse(raw_response(
                 503, "overloaded", f"the server has {self.max_connections} connections open, "
@@ -70,20 +82,21 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
         if not self._refused:  # after a refusal, what the client still sends is dropped
-            super().data_received(data)
+            super().data_received(data)  # type: ignore[misc]
 
-    def handle_events(self) -> None:
-        super().handle_events()
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn sends when the parser rejects a request (a malformed request line or
+        header, or with httptools a method it does not know): the JSON error, then closed."""
+        self._refuse(raw_response(400, "bad_request", f"invalid HTTP request ({msg.rstrip('.')}"
+                                  "): the request line or a header could not be parsed"))
+
+    def _head_arrived(self) -> None:
         if self._head_timer is not None and self.cycle is not self._head_of:
             self._disarm()  # a request head arrived: its body has the app's deadline
-
-    def on_response_complete(self) -> None:
-        self._arm()  # before uvicorn starts a pipelined request, which disarms it
-        super().on_response_complete()
 
     def _arm(self) -> None:
         self._disarm()
@@ -115,7 +128,40 @@ class GuardedH11Protocol(H11Protocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def protocol_factory(header_timeout: float, max_connections: int) -> Any:
-    """uvicorn's ``http`` setting: :class:`GuardedH11Protocol` with these limits."""
-    return partial(GuardedH11Protocol, header_timeout=header_timeout,
+class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol (HTTP parsed in C) with the deadline and the cap: the
+    server's default."""
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._head_arrived()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts a pipelined request, if one is queued
+        if self.cycle.response_complete:  # nothing received and unanswered: await a head
+            self._arm()
+
+
+class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
+    """uvicorn's h11 protocol (HTTP parsed in Python) with the deadline and the cap."""
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._head_arrived()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before uvicorn starts a pipelined request, which disarms it
+        super().on_response_complete()
+
+
+#: The HTTP parsers the server can use (its ``http`` setting).
+PROTOCOLS: dict[str, type[_ConnectionGuard]] = {"httptools": GuardedHttpToolsProtocol,
+                                                "h11": GuardedH11Protocol}
+
+
+def protocol_factory(header_timeout: float, max_connections: int,
+                     parser: str = "httptools") -> Any:
+    """uvicorn's ``http`` setting: the guarded protocol of ``parser`` (:data:`PROTOCOLS`) with
+    these limits."""
+    return partial(PROTOCOLS[parser], header_timeout=header_timeout,
                    max_connections=max_connections)
