@@ -1,4 +1,4 @@
-"""The HTTP/1.1 connection: uvicorn's HTTP protocol plus a header deadline and a connection cap.
+"""The HTTP/1.1 connection: uvicorn's HTTP protocol plus limits on request heads and connections.
 
 The server parses HTTP with httptools (C) by default, h11 (pure Python) on request
 (``PATHGUARD_HTTP``): under abusive traffic every byte a trickling client sends is parsed in
@@ -7,17 +7,20 @@ uvicorn (0.54) closes a keep-alive connection that stays silent ``timeout_keep_a
 seconds after a response, but nothing else: a connection that never sends a byte, or sends
 its headers one byte a second, is held for ever, and ``limit_concurrency`` answers 503 to
 new *requests* while the silent connections it counts stay open. The guarded protocols
-(:data:`PROTOCOLS`) add two rules:
+(:data:`PROTOCOLS`) add three rules:
 
 - **header deadline**: a connection must deliver a complete request head within
   ``header_timeout`` seconds of connecting or of its previous response; otherwise it gets
   ``408`` (JSON ``request_timeout``) and is closed. This also ends a client that keeps
   trickling a body the app already answered without reading it (an early 401 or 413);
+- **head size**: a connection that sends over :data:`MAX_HEAD_BYTES` while its head is awaited
+  gets ``400`` (JSON ``bad_request``) and is closed (h11 has this limit itself, httptools none);
 - **connection cap**: beyond ``max_connections`` open connections, a new one gets ``503``
   (JSON ``overloaded``, ``Retry-After: 1``) at once and is closed.
 
 The body's own deadline is the app's (:mod:`service.limits`). :func:`protocol_factory` gives
-uvicorn's ``http`` setting. Both rules are per server process.
+uvicorn's ``http`` setting. The rules are per server process; parser errors get the JSON
+``400`` too.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from service.errors import error_body
 
 #: Seconds a refused connection is kept reading (and dropping) before it is closed.
 LINGER_S = 1.0
+#: The most bytes a connection may send while its request head is awaited (h11's own limit;
+#: httptools has none).
+MAX_HEAD_BYTES = 16 * 1024
 
 
 def raw_response(status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -69,6 +75,7 @@ class _ConnectionGuard:
         self.max_connections = max_connections
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_of: Any = None  # the cycle before the awaited head
+        self._head_bytes = 0  # received since the head has been awaited
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -85,8 +92,15 @@ class _ConnectionGuard:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
-        if not self._refused:  # after a refusal, what the client still sends is dropped
-            super().data_received(data)  # type: ignore[misc]
+        if self._refused:  # after a refusal, what the client still sends is dropped
+            return
+        super().data_received(data)  # type: ignore[misc]
+        if self._head_timer is not None:  # no head in these bytes either
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._disarm()
+                self._refuse(raw_response(400, "bad_request", "no complete request head in "
+                                          f"the first {MAX_HEAD_BYTES} bytes"))
 
     def send_400_response(self, msg: str) -> None:
         """What uvicorn sends when the parser rejects a request (a malformed request line or
@@ -100,7 +114,7 @@ class _ConnectionGuard:
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_of = self.cycle
+        self._head_of, self._head_bytes = self.cycle, 0
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def _disarm(self) -> None:

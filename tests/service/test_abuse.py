@@ -272,6 +272,19 @@ def test_headers_trickled_byte_by_byte_are_cut_off(either):
     assert took < 4.0 and data.startswith(b"HTTP/1.1 408 ")
 
 
+def test_a_request_head_over_16_kib_gets_400(either):
+    """h11 has the limit itself; httptools would have kept every byte until the deadline."""
+    with connect(either) as sock:
+        try:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: "
+                         + b"a" * 40_000)
+        except OSError:  # the server closed the connection
+            pass
+        data, took = read_until_closed(sock, 3.0)
+    assert took < 2.0 and data.startswith(b"HTTP/1.1 400 ")
+    assert b'"code": "bad_request"' in data
+
+
 def test_body_trickled_after_a_valid_prefix_gets_408(either):
     """Was: held open while the client sent nothing more."""
     with connect(either) as sock:
