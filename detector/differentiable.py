@@ -159,10 +159,11 @@ class TorchForest(nn.Module):
                 node = table.index_select(0, node)
             node = node.view(n, -1) if n == 1 else node.view(n, -1) - base  # (N, T)
         else:  # many inputs: decide only the splits on their paths, (N, T) nodes at a time
-            node = self.roots.expand(n, -1)
-            for _ in range(self.depth):
-                at = x.gather(1, self.feature[node].long())
-                node = torch.where(at <= self.threshold[node], self.left[node], self.right[node])
+            node = self.roots.long().expand(n, -1)
+            for _ in range(self.depth):  # take(): cheaper than indexing with a tensor
+                at = x.gather(1, self.feature.take(node).long())
+                node = torch.where(at <= self.threshold.take(node), self.left.take(node),
+                                   self.right.take(node)).long()
         f = self.positive[node].mean(1)
         return torch.sigmoid(-(self.a * f + self.b))
 

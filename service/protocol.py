@@ -57,9 +57,10 @@ def raw_response(status: int, code: str, message: str, headers: dict[str, str] |
 
 
 class _ConnectionGuard:
-    """The header deadline and the connection cap, for a uvicorn HTTP protocol class (mixed in
-    before it). A subclass calls :meth:`_head_arrived` once the parser has a complete request
-    head, and :meth:`_arm` when a response completes with no request head waiting."""
+    """The head deadline, the head size limit, the connection cap and JSON parser errors, for
+    a uvicorn HTTP protocol class (mixed in before it). A subclass calls :meth:`_head_arrived`
+    once the parser has a complete request head, and :meth:`_arm` when a response completes
+    with no request head waiting."""
 
     # what the uvicorn protocol class provides
     connections: set[Any]
@@ -143,8 +144,7 @@ class _ConnectionGuard:
 
 
 class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
-    """uvicorn's httptools protocol (HTTP parsed in C) with the deadline and the cap: the
-    server's default."""
+    """uvicorn's httptools protocol (HTTP parsed in C), guarded: the server's default."""
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -157,7 +157,7 @@ class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
 
 
 class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
-    """uvicorn's h11 protocol (HTTP parsed in Python) with the deadline and the cap."""
+    """uvicorn's h11 protocol (HTTP parsed in Python), guarded."""
 
     def handle_events(self) -> None:
         super().handle_events()
