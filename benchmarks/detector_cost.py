@@ -25,6 +25,7 @@ import torch
 
 from detector.bundle import BundleError, load_bundle
 from evaluation.cost import detector_costs
+from training.cli import positive
 from training.data import load_dataset, to_float
 
 
@@ -34,15 +35,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="bundle directory (default: %(default)s)")
     parser.add_argument("--dataset", default="../shared/data/cifar10.npz",
                         help="test images: a dataset spec of training.data (default: %(default)s)")
-    parser.add_argument("--images", type=int, default=50,
+    parser.add_argument("--images", type=positive(int), default=50,
                         help="test images cycled through the rounds (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=300,
+    parser.add_argument("--rounds", type=positive(int), default=300,
                         help="interleaved timed rounds per run (default: %(default)s)")
-    parser.add_argument("--runs", type=int, default=3, help="measurements (default: %(default)s)")
+    parser.add_argument("--runs", type=positive(int), default=3,
+                        help="measurements (default: %(default)s)")
     args = parser.parse_args(argv)
-    for name in ("images", "rounds", "runs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
         bundle = load_bundle(args.bundle)
     except (BundleError, FileNotFoundError) as e:

@@ -76,4 +76,4 @@ def test_benchmark_prints_the_ratio_per_run_and_names_bad_values(fitted, tmp_pat
         assert float(score) > 0 and float(network) > 0 and float(stability) > 0
         assert float(ratio) == pytest.approx(float(score) / float(network), rel=0.05, abs=2e-3)
     bad = run("--dataset", "digits", "--rounds", 0)
-    assert bad.returncode == 2 and "--rounds must be >= 1, got 0" in bad.stderr
+    assert bad.returncode == 2 and "--rounds: must be > 0, got '0'" in bad.stderr
