@@ -247,24 +247,16 @@ class PathProfile:
         avg = torch.block_diag(*(torch.full((c, 1), 1.0 / c, dtype=torch.float64)
                                  for c in sizes))
         self._layer_mean = avg
-        # everything linear in the bits as one matrix product b @ table + offset, (N, columns):
-        # per class and layer the bits' NLL (-sum of log(1 - f) + b * (log(1 - f) - log f),
-        # averaged) and their distance to the majority bits (m + b * (1 - 2m), averaged), the
-        # open share per layer and, with class heads, every layer's head logits
-        k, d = freq.shape
-        n_layers = avg.shape[1]
-
-        def per_class(weight: torch.Tensor) -> torch.Tensor:  # (K, D) -> (D, K * L)
-            return (weight.T[:, :, None] * avg[:, None, :]).reshape(d, k * n_layers)
-
-        tables = [per_class(log1m_freq - log_freq), per_class(1 - 2 * majority), avg]
-        offsets = [-(log1m_freq @ avg).flatten(), (majority @ avg).flatten(),
-                   torch.zeros(n_layers, dtype=torch.float64)]
-        if self.has_heads:  # every layer's head applied to its own filters' bits
-            tables.append(torch.block_diag(*(lp.head_weight.T  # type: ignore[union-attr]
-                                             for lp in layers.values())))
-            offsets.append(torch.cat([lp.head_bias for lp in layers.values()]))  # type: ignore[misc]
-        self._bit_table, self._bit_offset = torch.cat(tables, 1), torch.cat(offsets)
+        # per class, the bits' statistics are a weighted sum over each layer's filters plus a
+        # constant, (b * weight) @ layer mean + offset: rows 0..K-1 the bits' NLL
+        # (-sum of log(1 - f) + b * (log(1 - f) - log f), averaged), rows K..2K-1 their distance
+        # to the majority bits (m + b * (1 - 2m), averaged); (2K, D) and (2K, L)
+        self._bit_weight = torch.cat([log1m_freq - log_freq, 1 - 2 * majority])
+        self._bit_offset = torch.cat([-(log1m_freq @ avg), majority @ avg])
+        if self.has_heads:  # (D, L*K): every layer's head applied to its own filters' bits
+            self._head_weight = torch.block_diag(*(lp.head_weight.T  # type: ignore[union-attr]
+                                                   for lp in layers.values()))
+            self._head_bias = torch.cat([lp.head_bias for lp in layers.values()])  # type: ignore[misc]
         self._anomaly_mean = torch.tensor([lp.anomaly_mean for lp in layers.values()],
                                           dtype=torch.float64)
         self._anomaly_std = torch.tensor([lp.anomaly_std for lp in layers.values()],
@@ -362,15 +354,14 @@ class PathProfile:
         """
         classes = _tensor(classes).long()
         b, g = paths.flat(self.layers)  # (N, D)
-        linear = torch.addmm(self._bit_offset, b, self._bit_table)  # see __init__
-        (k, d), layers = self._mean.shape, self._layer_mean.shape[1]
-        rows = max(1, _CHUNK_ELEMENTS // (k * d))  # bounds the (rows, K, D) intermediates
-        parts = [self._stats(linear[i:i + rows], g[i:i + rows], classes[i:i + rows])
+        k, d = self._mean.shape
+        rows = max(1, _CHUNK_ELEMENTS // (2 * k * d))  # bounds the (rows, 2K, D) intermediates
+        parts = [self._stats(b[i:i + rows], g[i:i + rows], classes[i:i + rows])
                  for i in range(0, len(b), rows)]
         stats = parts[0] if len(parts) == 1 else {
             s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
         if self.has_heads:
-            heads = linear[:, (2 * k + 1) * layers:]
+            heads = b @ self._head_weight + self._head_bias
             stats.update(self._class_evidence(heads, _tensor(paths.logits), classes))
         return stats
 
@@ -390,16 +381,15 @@ class PathProfile:
                 "head_shift": (q * (log_q - before)).sum(2),
                 "head_kl": (log_p.exp() * (log_p - log_q)).sum(2)}
 
-    def _stats(self, linear: torch.Tensor, g: torch.Tensor, classes: torch.Tensor
+    def _stats(self, b: torch.Tensor, g: torch.Tensor, classes: torch.Tensor
                ) -> dict[str, torch.Tensor]:
-        """linear: (N, 2 K L + L + ...) the bits' products with the table (see __init__), g (N, D)
-        gate logits of every layer, classes (N,) -> (N, L) stats."""
+        """b, g: (N, D) bits and gate logits of every layer; classes (N,) -> (N, L) stats."""
         n, (k, layers) = len(g), (len(self._mean), self._layer_mean.shape[1])
         avg = self._layer_mean  # (D, L)
+        bits_all = (b[:, None] * self._bit_weight) @ avg + self._bit_offset  # (N, 2K, L)
         dist_all = ((g[:, None] - self._mean).square() * self._inv_var) @ avg  # (N, K, L)
         # per class: the bits' NLL, their distance to the majority bits, the logits' distance
-        every = torch.cat([linear[:, :2 * k * layers].view(n, 2, k, layers),
-                           dist_all[:, None]], 1)  # (N, 3, K, L)
+        every = torch.cat([bits_all.view(n, 2, k, layers), dist_all[:, None]], 1)  # (N, 3, K, L)
         picked = every.gather(2, classes.view(n, 1, 1, 1).expand(n, 3, 1, layers))[:, :, 0]
         excess = picked[:, 0::2] - every[:, 0::2].amin(2)  # (N, 2, L): NLL, logit distance
         return {"bit_nll": picked[:, 0],
@@ -408,7 +398,7 @@ class PathProfile:
                 "logit_dist": picked[:, 2],
                 "logit_excess": excess[:, 1],
                 "margin": g.abs() @ avg,
-                "open": linear[:, 2 * k * layers:(2 * k + 1) * layers]}
+                "open": b @ avg}
 
     def anomaly(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(N, L) per-layer anomaly z-scores from :meth:`layer_stats` output."""
