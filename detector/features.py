@@ -253,10 +253,12 @@ class PathProfile:
         # to the majority bits (m + b * (1 - 2m), averaged); (2K, D) and (2K, L)
         self._bit_weight = torch.cat([log1m_freq - log_freq, 1 - 2 * majority])
         self._bit_offset = torch.cat([-(log1m_freq @ avg), majority @ avg])
-        if self.has_heads:  # (D, L*K): every layer's head applied to its own filters' bits
-            self._head_weight = torch.block_diag(*(lp.head_weight.T  # type: ignore[union-attr]
-                                                   for lp in layers.values()))
-            self._head_bias = torch.cat([lp.head_bias for lp in layers.values()])  # type: ignore[misc]
+        if self.has_heads:  # every layer's head on its own filters' bits, the same way:
+            # (b * weight) @ layer mean, the weights scaled by the layer's size (K, D), (L, K)
+            self._head_weight = torch.cat([lp.head_weight * c  # type: ignore[operator]
+                                           for lp, c in zip(layers.values(), sizes, strict=True)],
+                                          dim=1)
+            self._head_bias = torch.stack([lp.head_bias for lp in layers.values()])  # type: ignore[misc]
         self._anomaly_mean = torch.tensor([lp.anomaly_mean for lp in layers.values()],
                                           dtype=torch.float64)
         self._anomaly_std = torch.tensor([lp.anomaly_std for lp in layers.values()],
@@ -361,16 +363,17 @@ class PathProfile:
         stats = parts[0] if len(parts) == 1 else {
             s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
         if self.has_heads:
-            heads = b @ self._head_weight + self._head_bias
+            heads = ((b[:, None] * self._head_weight) @ self._layer_mean).transpose(1, 2)
+            heads = heads + self._head_bias  # (N, L, K)
             stats.update(self._class_evidence(heads, _tensor(paths.logits), classes))
         return stats
 
     def _class_evidence(self, heads: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor
                         ) -> dict[str, torch.Tensor]:
-        """heads: (N, L * K) every layer's head logits, logits (N, K), classes (N,) ->
+        """heads: (N, L, K) every layer's head logits, logits (N, K), classes (N,) ->
         HEAD_STATS, (N, L)."""
         n, k = len(heads), len(self._mean)
-        log_q = torch.log_softmax(heads.view(n, -1, k), -1)
+        log_q = torch.log_softmax(heads, -1)
         q = log_q.exp()  # (N, L, K)
         picked = log_q.gather(2, classes.view(n, 1, 1).expand(n, log_q.shape[1], 1))[..., 0]
         uniform = torch.full((n, 1, k), -math.log(k), dtype=log_q.dtype)
