@@ -362,10 +362,11 @@ class PathProfile:
                  for i in range(0, len(b), rows)]
         stats = parts[0] if len(parts) == 1 else {
             s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
-        if self.has_heads:
-            heads = ((b[:, None] * self._head_weight) @ self._layer_mean).transpose(1, 2)
-            heads = heads + self._head_bias  # (N, L, K)
-            stats.update(self._class_evidence(heads, _tensor(paths.logits), classes))
+        if self.has_heads:  # every layer's head on its own filters' bits: (N, L, K) logits
+            heads = torch.cat([((b[i:i + rows, None] * self._head_weight) @ self._layer_mean
+                                ).transpose(1, 2) for i in range(0, len(b), rows)])
+            stats.update(self._class_evidence(heads + self._head_bias, _tensor(paths.logits),
+                                              classes))
         return stats
 
     def _class_evidence(self, heads: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor

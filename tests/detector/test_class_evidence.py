@@ -158,3 +158,16 @@ def test_missing_heads_and_bad_labels_are_named(paths):
         PathProfile.fit(paths, np.array([0, 1, 2]), num_classes=3, heads={"a": HEAD_A})
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
         fit_class_heads(paths, np.array([0, 1, 3]), num_classes=3)
+
+
+def test_statistics_computed_in_chunks_equal_one_pass(profile, paths, monkeypatch):
+    """Large batches are cut into chunks of bounded (rows, 2K, D) intermediates: 1 row here."""
+    from detector import features
+
+    whole = profile.layer_stats(paths, np.array([0, 1, 2]))
+    monkeypatch.setattr(features, "_CHUNK_ELEMENTS", 1)
+    chunked = profile.layer_stats(PathBatch(paths.logits, paths.bits, paths.gate_logits),
+                                  np.array([0, 1, 2]))
+    assert set(chunked) == set(LAYER_STATS) | set(HEAD_STATS)
+    for name, value in whole.items():
+        torch.testing.assert_close(chunked[name], value, rtol=0, atol=1e-12)
