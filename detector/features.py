@@ -139,16 +139,6 @@ class PathBatch:
                                torch.cat([self.gate_logits[k] for k in key], 1).to(torch.float64))
         return self._flat[key]
 
-    def rows(self, start: int, stop: int) -> PathBatch:
-        """The paths ``start:stop`` as views (companions and computed :meth:`flat` too)."""
-        part = PathBatch(self.logits[start:stop],
-                         {k: v[start:stop] for k, v in self.bits.items()},
-                         {k: v[start:stop] for k, v in self.gate_logits.items()},
-                         {k: v.rows(start, stop) for k, v in self.companions.items()})
-        part._flat.update({key: (b[start:stop], g[start:stop])
-                           for key, (b, g) in self._flat.items()})
-        return part
-
     @staticmethod
     def concat(batches: list[PathBatch]) -> PathBatch:
         """One batch of all ``batches``' paths in order (companions those all of them have)."""
@@ -163,12 +153,15 @@ class PathBatch:
                         for k in shared},
         )
 
-    def take(self, rows: ArrayLike) -> PathBatch:
-        """The paths at ``rows`` (an index or boolean mask of length N), companions too."""
-        idx = _tensor(rows)
-        return PathBatch(self.logits[idx], {k: v[idx] for k, v in self.bits.items()},
+    def take(self, rows: ArrayLike | slice) -> PathBatch:
+        """The paths at ``rows`` (an index or boolean mask of length N, or a slice: views),
+        companions and the :meth:`flat` arrays already computed too."""
+        idx = rows if isinstance(rows, slice) else _tensor(rows)
+        part = PathBatch(self.logits[idx], {k: v[idx] for k, v in self.bits.items()},
                          {k: v[idx] for k, v in self.gate_logits.items()},
                          {k: v.take(idx) for k, v in self.companions.items()})
+        part._flat.update({key: (b[idx], g[idx]) for key, (b, g) in self._flat.items()})
+        return part
 
 
 @dataclass(frozen=True)

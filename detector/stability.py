@@ -118,8 +118,9 @@ def with_companions(model: nn.Module, images: torch.Tensor, paths: PathBatch,
     n = len(images)
     copies = torch.cat([transformed(name, images) for name in names])
     every = PathBatch.from_result(compute_path(model, copies, pooled=False), ste)
-    every.flat(list(every.bits))  # side by side once for all copies (what the features read)
-    return paths.with_companions({name: every.rows(i * n, (i + 1) * n)
+    # side by side once for all copies, in the recording's layer order (a profile's order)
+    every.flat(list(every.bits))
+    return paths.with_companions({name: every.take(slice(i * n, (i + 1) * n))
                                   for i, name in enumerate(names)})
 
 

@@ -233,10 +233,10 @@ def test_flat_puts_layers_side_by_side_in_the_order_asked(paths):
     assert not torch.equal(paths.flat(["a", "b"])[0], bits)
 
 
-def test_rows_are_views_that_score_like_a_copy(profile, paths):
+def test_a_slice_takes_views_that_score_like_a_copy(profile, paths):
     layers = list(profile.layers)
     whole = paths.flat(layers)[0]
-    part = paths.rows(1, 3)
+    part = paths.take(slice(1, 3))
     assert len(part) == 2
     mine = part.flat(layers)[0]  # the parent's, sliced: not computed again
     assert mine.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()

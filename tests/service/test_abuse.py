@@ -54,10 +54,14 @@ def h11_server(bundle_dir) -> Iterator[Server]:
         yield running
 
 
-@pytest.fixture(params=["httptools", "h11"])
+#: The module's server fixture for each HTTP parser.
+SERVER_OF = {"httptools": "server", "h11": "h11_server"}
+
+
+@pytest.fixture(params=sorted(SERVER_OF))
 def either(request: pytest.FixtureRequest) -> Server:
     """The server with each HTTP parser: the connection rules are the protocol's."""
-    return request.getfixturevalue("server" if request.param == "httptools" else "h11_server")
+    return request.getfixturevalue(SERVER_OF[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -331,13 +335,13 @@ def test_connections_beyond_the_limit_get_503(either):
 # --- metrics, redirects, errors ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize("parser", sorted(SERVER_OF))
 def test_made_up_methods_share_one_metrics_label(parser, request):
     """Was: one Prometheus series per method name (241 MB of /metrics after 7,000). httptools
     refuses a method it does not know while parsing (400, before the app); h11 passes it on
     (405, counted under one label)."""
     h11 = parser == "h11"
-    server = request.getfixturevalue("h11_server" if h11 else "server")
+    server = request.getfixturevalue(SERVER_OF[parser])
     with httpx.Client(base_url=server.url) as client:
         for i in range(30):
             r = client.request(f"X{i:03d}" + "M" * 500, "/v2/health/live")
