@@ -21,8 +21,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from detector.bundle import BundleError, load_bundle
 from evaluation.cost import detector_costs
 from training.cli import positive
@@ -65,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    try:
+    try:  # detector_costs pins one thread while it times
         main()
     except KeyboardInterrupt:
         sys.exit(130)
