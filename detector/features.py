@@ -351,13 +351,13 @@ class PathProfile:
         b, g = paths.flat(self.layers)  # (N, D)
         k, d = self._mean.shape
         rows = max(1, _CHUNK_ELEMENTS // (2 * k * d))  # bounds the (rows, 2K, D) intermediates
-        parts = [self._stats(b[i:i + rows], g[i:i + rows], classes[i:i + rows])
-                 for i in range(0, len(b), rows)]
+        chunks = [slice(i, i + rows) for i in range(0, len(b), rows)]
+        parts = [self._stats(b[c], g[c], classes[c]) for c in chunks]
         stats = parts[0] if len(parts) == 1 else {
             s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
         if self.has_heads:  # every layer's head on its own filters' bits: (N, L, K) logits
-            heads = torch.cat([((b[i:i + rows, None] * self._head_weight) @ self._layer_mean
-                                ).transpose(1, 2) for i in range(0, len(b), rows)])
+            heads = torch.cat([((b[c, None] * self._head_weight) @ self._layer_mean
+                                ).transpose(1, 2) for c in chunks])
             stats.update(self._class_evidence(heads + self._head_bias, _tensor(paths.logits),
                                               classes))
         return stats
