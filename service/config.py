@@ -16,6 +16,8 @@ ENV_PREFIX = "PATHGUARD_"
 DEFAULT_BUNDLE = Path("runs/digits/detector/bundle")
 #: Where forward passes run (:mod:`service.inference`).
 InferenceMode = Literal["process", "thread"]
+#: The HTTP parser of the server's connections (:mod:`service.protocol`).
+HttpParser = Literal["httptools", "h11"]
 
 
 class Settings(BaseSettings):
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
                                       "connection stays open between requests")
     max_connections: int = Field(512, ge=1, description="open connections per server "
                                  "process; a connection beyond it gets 503 and is closed")
-    http: Literal["httptools", "h11"] = Field(
+    http: HttpParser = Field(
         "httptools", description="HTTP parser: httptools (C) or h11 (pure Python, slower: "
         "under abusive traffic its parsing holds up valid requests)")
 

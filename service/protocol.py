@@ -36,6 +36,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service.config import HttpParser
 from service.errors import error_body
 
 #: Seconds a refused connection is kept reading (and dropping) before it is closed.
@@ -169,12 +170,12 @@ class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
 
 
 #: The HTTP parsers the server can use (its ``http`` setting).
-PROTOCOLS: dict[str, type[_ConnectionGuard]] = {"httptools": GuardedHttpToolsProtocol,
-                                                "h11": GuardedH11Protocol}
+PROTOCOLS: dict[HttpParser, type[_ConnectionGuard]] = {"httptools": GuardedHttpToolsProtocol,
+                                                       "h11": GuardedH11Protocol}
 
 
 def protocol_factory(header_timeout: float, max_connections: int,
-                     parser: str = "httptools") -> Any:
+                     parser: HttpParser = "httptools") -> Any:
     """uvicorn's ``http`` setting: the guarded protocol of ``parser`` (:data:`PROTOCOLS`) with
     these limits."""
     return partial(PROTOCOLS[parser], header_timeout=header_timeout,
