@@ -65,6 +65,7 @@ def test_decouple_writes_run_directory(decoupled_run, base_run):
     assert config["epochs"] == 1
     # the digits preset: the paper's recipe, no distillation, gates not isolated
     assert config["loss_weights"]["distill"] == 0 and config["isolate_gates"] is False
+    assert config["loss_weights"]["kl_detach"] is False
     model, spec = load_checkpoint(decoupled_run)
     assert spec.decoupled
     layers = list(gated_layers(model))
@@ -94,13 +95,13 @@ def test_decouple_keeps_the_class_heads(decoupled_run):
     assert load_class_heads(decoupled_run.parent / "base") is None
 
 
-def test_decouple_with_distillation_and_isolated_gates(base_run, tmp_path):
+def test_decouple_with_distillation_and_gate_only_losses(base_run, tmp_path):
     out = tmp_path / "kd"
     decouple_cmd.cli(["--base", str(base_run), "--dataset", "digits", "--epochs", "1",
                       "--distill", "0.5", "--temperature", "2", "--isolate-gates",
-                      "--out", str(out), "--quiet"])
+                      "--kl-detach", "--out", str(out), "--quiet"])
     config = json.loads((out / "config.json").read_text())
-    assert config["isolate_gates"] is True
+    assert config["isolate_gates"] is True and config["loss_weights"]["kl_detach"] is True
     assert config["loss_weights"]["distill"] == 0.5
     assert config["loss_weights"]["temperature"] == 2.0
     curve = json.loads((out / "metrics.json").read_text())["loss_curve"]
