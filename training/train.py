@@ -46,6 +46,7 @@ from training.report import write_json
 log = logging.getLogger("training.train")
 
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches set airbench's whitening conv
+WHITEN_EPS = 5e-4  # airbench's: the smallest patch directions are scaled ~130x the largest
 WHITEN_BIAS_EPOCHS = 3  # airbench's whitening bias trains for this many epochs, then freezes
 
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 32)")
     g.add_argument("--widths", type=positive(int), nargs=3, default=None, metavar="W",
                    help="airbench's three group widths (default: 64 256 256)")
+    g.add_argument("--whiten-eps", type=positive(float), default=None, metavar="EPS",
+                   help="airbench's whitening stem scales each 2x2 patch direction by 1 / "
+                        "sqrt(eigenvalue + EPS); larger values amplify the low-variance "
+                        "(high-frequency) directions less, which adversarial training needs "
+                        f"(RESULTS 1.5; default: {WHITEN_EPS})")
     g.add_argument("--init", type=Path, default=None, metavar="RUN",
                    help="start from the weights of this base run directory instead of a random "
                         "initialisation (the learning-rate schedule starts afresh)")
@@ -113,6 +119,9 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         if arch != "airbench":
             raise ValueError(f"--widths applies to airbench only, not to --arch {arch!r}")
         arch_kwargs["widths"] = list(args.widths)
+    if args.whiten_eps is not None and (arch != "airbench" or args.init):
+        raise ValueError(f"--whiten-eps {args.whiten_eps} sets up a fresh airbench network; "
+                         f"it does not apply to --arch {arch!r} or to --init")
     spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes,
                      arch_kwargs=arch_kwargs)
     if init_spec is not None and (spec.arch, spec.arch_kwargs) != (init_spec.arch,
@@ -133,6 +142,8 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
         "processes": 1 if rank is None else rank.world,
+        "whiten_eps": (args.whiten_eps or WHITEN_EPS) if arch == "airbench" and init is None
+        else None,
         "adversarial_eps": args.adversarial_eps,
         "adversarial_method": None if args.adversarial_eps is None else args.adversarial_method,
     }
@@ -140,7 +151,8 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
     model = init if init is not None else spec.build()
     if isinstance(model, AirbenchNet) and init is None:
-        init_whitening(model, to_float(data.x_train[:WHITENING_IMAGES]))
+        init_whitening(model, to_float(data.x_train[:WHITENING_IMAGES]),
+                       eps=args.whiten_eps or WHITEN_EPS)
     model = model.to(args.device)
     recipe = RECIPES[config["recipe"]]
     log.info("training %s on %s: %d train / %d test images", arch, data.name,
