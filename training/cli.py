@@ -40,7 +40,8 @@ def add_adversarial_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adversarial-method", choices=sorted(METHODS), default="n-fgsm",
                    help="n-fgsm (de Jorge et al. 2022: noise of 2 eps, step eps, no projection) "
                         "or fgsm-rs (Wong et al. 2020: random start, step 1.25 eps; overfits "
-                        "catastrophically on airbench, RESULTS 1.5) (default: %(default)s)")
+                        "catastrophically on airbench unless its stem is regularised with "
+                        "training.train --whiten-eps 0.1, RESULTS 1.5) (default: %(default)s)")
     g.add_argument("--adversarial-check", type=positive(int), default=500, metavar="N",
                    help="after every epoch, PGD-10 accuracy at that eps on the first N test "
                         "images, to catch catastrophic overfitting (monitoring only, nothing is "

@@ -10,9 +10,9 @@ evidence.
 ``--init RUN`` continues an earlier decoupled run of the same base (its gates, weights and, if
 it kept them, class heads) with a fresh schedule, so decoupling can run in several sittings.
 
-``--adversarial-eps 8/255`` trains on single-step (N-FGSM) adversarial examples instead of clean
-images (fast adversarial training, :mod:`training.adversarial`); the gates then learn their
-paths from attacked images too (every decoupling loss sees the attacked batch).
+``--adversarial-eps 8/255`` trains on single-step adversarial examples (N-FGSM, or FGSM-RS)
+instead of clean images (fast adversarial training, :mod:`training.adversarial`); the gates
+learn their paths from attacked images too (every decoupling loss sees the attacked batch).
 ``metrics.json`` then adds the per-epoch PGD-10 accuracy on held-out test images
 (``pgd_accuracy``) and the final one.
 """

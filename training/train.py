@@ -6,9 +6,11 @@ Output: ``<out>/weights.safetensors``, ``model.json``, ``config.json``, ``metric
 with a fresh learning-rate schedule: a base can be trained in several sittings (e.g. 40 epochs,
 then 20 more at a lower ``--lr``), each writing its own run directory.
 
-``--adversarial-eps 8/255`` trains on single-step (N-FGSM) adversarial examples instead of clean
-images (fast adversarial training, :mod:`training.adversarial`). ``metrics.json`` then adds the
-per-epoch PGD-10 accuracy on held-out test images (``pgd_accuracy``) and the final one.
+``--adversarial-eps 8/255`` trains on single-step adversarial examples (N-FGSM, or FGSM-RS)
+instead of clean images (fast adversarial training, :mod:`training.adversarial`).
+``metrics.json`` then adds the per-epoch PGD-10 accuracy on held-out test images
+(``pgd_accuracy``) and the final one. On airbench give it ``--whiten-eps 0.1`` too: the stem's
+default gain on rare patch directions makes single-step training overfit catastrophically.
 """
 
 from __future__ import annotations

@@ -64,6 +64,29 @@ def test_whitening_decorrelates_patches():
     assert torch.all(model.whiten.bias == 0)
 
 
+def test_whitening_eps_bounds_the_gain_of_rare_directions():
+    """Each filter scales its patch direction by 1 / sqrt(eigenvalue + eps): on smooth images,
+    whose 2x2 patches have a few rare (high-frequency) directions, a larger eps shrinks the
+    gain of those directions, which a perturbation exploits, and leaves the common ones."""
+    torch.manual_seed(0)
+    coarse = torch.rand(64, 3, 4, 4)
+    images = nn.functional.interpolate(coarse, size=16, mode="bilinear", align_corners=False)
+    images = (images + 0.01 * torch.rand(64, 3, 16, 16)).clamp(0, 1)
+    model = create_model("airbench", widths=WIDTHS)
+    x = model.normalize(images)
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    eigenvalues = torch.linalg.eigvalsh((patches.T @ patches / len(patches)).double())
+    gains = {}
+    for eps in (5e-4, 0.1):
+        init_whitening(model, images, eps=eps)
+        gains[eps] = model.whiten.weight[:12].flatten(1).norm(dim=1).double()
+        expected = (1 / torch.sqrt(eigenvalues + eps)).flip(0)  # filters: largest first
+        torch.testing.assert_close(gains[eps], expected, rtol=1e-3, atol=0)
+    ratio = {eps: float(g.max() / g.min()) for eps, g in gains.items()}
+    assert ratio[0.1] < ratio[5e-4] / 5
+    assert float(gains[0.1].max()) <= 0.1 ** -0.5
+
+
 def test_decouple_gates_every_conv_but_the_stem():
     model = decouple(create_model("airbench", widths=WIDTHS))
     layers = gated_layers(model)

@@ -131,6 +131,8 @@ def run_error(cli, argv, capsys):
     (["--widths", "8", "16", "16"], "small_cnn"),  # airbench's option on the digits preset
     (["--widths", "8", "0", "16"], "'0'"),
     (["--arch", "airbench"], "airbench"),  # 8x8 digits are too small for it
+    (["--whiten-eps", "0.1"], "small_cnn"),  # airbench's option on the digits preset
+    (["--whiten-eps", "0"], "'0'"),
     (["--adversarial-eps", "2"], "'2'"),
     (["--adversarial-eps", "8/0"], "'8/0'"),
     (["--adversarial-check", "0"], "'0'"),
