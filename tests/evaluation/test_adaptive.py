@@ -194,13 +194,19 @@ def test_detector_aware_pgd_is_a_torchattacks_attack(bundle, images) -> None:
 
 def test_restarts_only_add_successes(bundle, images) -> None:
     """Restarts run on the inputs the first run left unbroken, from random points of the ball:
-    what one run breaks stays broken, and every success is real."""
+    what one run breaks stays broken (untouched), the others are attacked again, and every
+    success is real. (Whether restarts break more depends on the model, not on this code: on
+    the tiny digits bundle they rarely do.)"""
     x, y = images
     cfg = PGDConfig(eps=0.06, alpha=0.02, steps=4)
     one = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0]).run(x, y)
     three = DetectorAwarePGD(bundle, None, cfg, lambdas=[0.0], restarts=3).run(x, y)
+    assert 0 < one.success.sum() < len(y)
     assert (three.success >= one.success).all()
-    assert three.success.sum() > one.success.sum()  # the random restarts break more
+    broken = torch.from_numpy(one.success)
+    torch.testing.assert_close(three.x_adv[broken], one.x_adv[broken], rtol=0, atol=0)
+    moved = (three.x_adv[~broken] - one.x_adv[~broken]).flatten(1).abs().amax(1)
+    assert bool((moved > 0).all())  # every unbroken input was attacked again from elsewhere
     assert (three.x_adv - x).abs().max() <= 0.06 + 1e-6
     analysis = bundle.analyze(three.x_adv)
     np.testing.assert_array_equal((analysis.predictions != y.numpy()) & ~analysis.flagged,
