@@ -29,6 +29,9 @@ WIDTHS = (64, 256, 256)
 LOGIT_SCALE = 1 / 9
 BN_MOMENTUM = 0.4  # PyTorch's convention (airbench's 0.6 = 1 - 0.4)
 BN_EPS = 1e-12
+#: Whitening regulariser: airbench's scales the rarest 2x2 patch directions of CIFAR-10 ~130x
+#: the commonest (``training.train --whiten-eps`` changes it).
+WHITEN_EPS = 5e-4
 
 
 def _batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -93,7 +96,7 @@ class AirbenchNet(nn.Module):
 
 
 @torch.no_grad()
-def init_whitening(model: AirbenchNet, images: torch.Tensor, eps: float = 5e-4) -> None:
+def init_whitening(model: AirbenchNet, images: torch.Tensor, eps: float = WHITEN_EPS) -> None:
     """Set the whitening conv from the 2x2 patches of ``images``: (N, C, H, W) in [0, 1].
 
     With Sigma the (uncentred) covariance of the normalised patches and Sigma = V diag(l) V^T,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.airbench import AirbenchNet, init_whitening
+from detector.airbench import WHITEN_EPS, AirbenchNet, init_whitening
 from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from detector.paths import network_macs
 from training.adversarial import AdversarialTraining
@@ -48,7 +48,6 @@ from training.report import write_json
 log = logging.getLogger("training.train")
 
 WHITENING_IMAGES = 5000  # training images whose 2x2 patches set airbench's whitening conv
-WHITEN_EPS = 5e-4  # airbench's: the smallest patch directions are scaled ~130x the largest
 WHITEN_BIAS_EPOCHS = 3  # airbench's whitening bias trains for this many epochs, then freezes
 
 
