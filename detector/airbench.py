@@ -96,21 +96,26 @@ class AirbenchNet(nn.Module):
 
 
 @torch.no_grad()
+def patch_covariance(model: AirbenchNet, images: torch.Tensor) -> torch.Tensor:
+    """The (uncentred) covariance of the normalised patches of ``images`` (N, C, H, W) in [0, 1]
+    that the whitening conv sees: (C kh kw, C kh kw) float64, in the conv weight's layout."""
+    x = model.normalize(images.float())
+    kh, kw = model.whiten.kernel_size
+    patches = x.unfold(2, kh, 1).unfold(3, kw, 1)  # (N, C, H', W', kh, kw)
+    flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw).double()
+    return flat.T @ flat / len(flat)
+
+
+@torch.no_grad()
 def init_whitening(model: AirbenchNet, images: torch.Tensor, eps: float = WHITEN_EPS) -> None:
     """Set the whitening conv from the 2x2 patches of ``images``: (N, C, H, W) in [0, 1].
 
-    With Sigma the (uncentred) covariance of the normalised patches and Sigma = V diag(l) V^T,
-    the filters are the rows of V^T / sqrt(l + eps) and their negatives, so the first half of the
-    stem's outputs (before its bias) has covariance ~identity over the patches.
+    With Sigma the :func:`patch_covariance` of the images and Sigma = V diag(l) V^T, the filters
+    are the rows of V^T / sqrt(l + eps) and their negatives, so the first half of the stem's
+    outputs (before its bias) has covariance ~identity over the patches.
     """
-    x = model.normalize(images.float())
-    kh, kw = model.whiten.kernel_size
-    c = x.shape[1]
-    patches = x.unfold(2, kh, 1).unfold(3, kw, 1)  # (N, C, H', W', kh, kw)
-    flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw).double()
-    cov = flat.T @ flat / len(flat)
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    eigenvalues, eigenvectors = torch.linalg.eigh(patch_covariance(model, images))  # ascending
     filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0)
-    filters = filters.reshape(-1, c, kh, kw).float()
+    filters = filters.reshape(model.whiten.weight[: len(filters)].shape).float()
     model.whiten.weight.copy_(torch.cat([filters, -filters]))
     model.whiten.bias.zero_()

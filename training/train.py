@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.airbench import WHITEN_EPS, AirbenchNet, init_whitening
+from detector.airbench import WHITEN_EPS, init_whitening
 from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from detector.paths import network_macs
 from training.adversarial import AdversarialTraining
@@ -120,9 +120,13 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         if arch != "airbench":
             raise ValueError(f"--widths applies to airbench only, not to --arch {arch!r}")
         arch_kwargs["widths"] = list(args.widths)
-    if args.whiten_eps is not None and (arch != "airbench" or args.init):
-        raise ValueError(f"--whiten-eps {args.whiten_eps} sets up a fresh airbench network; "
-                         f"it does not apply to --arch {arch!r} or to --init")
+    if args.whiten_eps is not None and arch != "airbench":
+        raise ValueError(f"--whiten-eps applies to airbench only, not to --arch {arch!r}")
+    if args.whiten_eps is not None and init is not None:
+        raise ValueError(f"--whiten-eps sets up a fresh network's whitening stem; --init "
+                         f"{args.init} keeps its own")
+    # the stem of a fresh airbench network is set from the training images (None: no stem to set)
+    whiten_eps = (args.whiten_eps or WHITEN_EPS) if arch == "airbench" and init is None else None
     spec = ModelSpec(arch=arch, input_shape=data.input_shape, classes=data.classes,
                      arch_kwargs=arch_kwargs)
     if init_spec is not None and (spec.arch, spec.arch_kwargs) != (init_spec.arch,
@@ -143,17 +147,15 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
         "processes": 1 if rank is None else rank.world,
-        "whiten_eps": (args.whiten_eps or WHITEN_EPS) if arch == "airbench" and init is None
-        else None,
+        "whiten_eps": whiten_eps,
         "adversarial_eps": args.adversarial_eps,
         "adversarial_method": None if args.adversarial_eps is None else args.adversarial_method,
     }
     adversarial = AdversarialTraining.from_args(args, data)
     init_test = None if init is None else evaluate(init, data.x_test, data.y_test)["accuracy"]
     model = init if init is not None else spec.build()
-    if isinstance(model, AirbenchNet) and init is None:
-        init_whitening(model, to_float(data.x_train[:WHITENING_IMAGES]),
-                       eps=args.whiten_eps or WHITEN_EPS)
+    if whiten_eps is not None:
+        init_whitening(model, to_float(data.x_train[:WHITENING_IMAGES]), eps=whiten_eps)
     model = model.to(args.device)
     recipe = RECIPES[config["recipe"]]
     log.info("training %s on %s: %d train / %d test images", arch, data.name,

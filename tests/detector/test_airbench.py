@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.airbench import AirbenchNet, init_whitening
+from detector.airbench import AirbenchNet, init_whitening, patch_covariance
 from detector.gating import decouple, gated_layers, strip_gates
 from detector.models import create_model
 from detector.paths import compute_path, network_macs
@@ -73,9 +73,7 @@ def test_whitening_eps_bounds_the_gain_of_rare_directions():
     images = nn.functional.interpolate(coarse, size=16, mode="bilinear", align_corners=False)
     images = (images + 0.01 * torch.rand(64, 3, 16, 16)).clamp(0, 1)
     model = create_model("airbench", widths=WIDTHS)
-    x = model.normalize(images)
-    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
-    eigenvalues = torch.linalg.eigvalsh((patches.T @ patches / len(patches)).double())
+    eigenvalues = torch.linalg.eigvalsh(patch_covariance(model, images))
     gains = {}
     for eps in (5e-4, 0.1):
         init_whitening(model, images, eps=eps)
