@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from detector.checkpoint import load_checkpoint
 from training import decouple as decouple_cmd
 from training import train as train_cmd
-from training.adversarial import AdversarialTraining, FastAdversarial, pgd_accuracy
+from training.adversarial import (
+    AdversarialTraining,
+    FastAdversarial,
+    clean_and_pgd_accuracy,
+    pgd_accuracy,
+)
 from training.data import load_dataset, to_float
 
 EPS = 0.1
@@ -71,8 +76,14 @@ def test_adversarial_training_records_its_check_and_resists_pgd(adversarial_base
     assert config["adversarial_method"] == "n-fgsm"
     assert len(metrics["pgd_accuracy_curve"]) == 2
     assert 0.0 <= metrics["pgd_test_accuracy"] <= 1.0
-    assert metrics["best_epoch"] in (0, 1, 2)  # 0: the final weights were the most robust
-    assert metrics["pgd_check_accuracy"] >= max(metrics["pgd_accuracy_curve"]) - 1e-9
+    assert metrics["best_epoch"] in (0, 1, 2)  # 0: the final weights scored best
+    curve = zip(metrics["check_accuracy_curve"], metrics["pgd_accuracy_curve"], strict=True)
+    kept = metrics["clean_check_accuracy"] + metrics["pgd_check_accuracy"]
+    assert kept >= max(clean + robust for clean, robust in curve) - 1e-9
+    if metrics["best_epoch"]:
+        epoch = metrics["best_epoch"] - 1
+        assert metrics["pgd_check_accuracy"] == metrics["pgd_accuracy_curve"][epoch]
+        assert metrics["clean_check_accuracy"] == metrics["check_accuracy_curve"][epoch]
     x, y = digits
     robust, _ = load_checkpoint(adversarial_base)
     plain, _ = load_checkpoint(tiny_base_checkpoint)
@@ -90,20 +101,40 @@ def test_decouple_with_adversarial_batches(adversarial_base, tmp_path):
     assert json.loads((out / "config.json").read_text())["adversarial_eps"] == pytest.approx(0.1)
 
 
-def test_keep_best_restores_the_most_robust_epoch(tiny_base_checkpoint, digits):
-    """The weights kept at the best check are restored when the final ones are worse."""
+def test_keep_best_restores_the_best_epoch(tiny_base_checkpoint, digits):
+    """The weights kept at the best check (clean + PGD accuracy) are restored when the final
+    ones score lower."""
     model, _ = load_checkpoint(tiny_base_checkpoint)
     x, y = digits
     run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64])
     hook = run.monitor(model)
-    first = hook(0)["pgd_accuracy"]
-    assert first > 0.0 and run.best_epoch == 0
+    first = hook(0)
+    assert first["pgd_accuracy"] > 0.0 and first["check_accuracy"] > 0.5
+    assert run.best_epoch == 0
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.0)  # a collapsed network: chance at best
     chosen = run.keep_best(model)
-    assert chosen == {"pgd_check_accuracy": first, "best_epoch": 1}
-    assert pgd_accuracy(model, x[:64], y[:64], EPS) == pytest.approx(first, abs=0.05)
+    assert chosen == {"clean_check_accuracy": first["check_accuracy"],
+                      "pgd_check_accuracy": first["pgd_accuracy"], "best_epoch": 1}
+    clean, robust = clean_and_pgd_accuracy(model, x[:64], y[:64], EPS)
+    assert clean == first["check_accuracy"]
+    assert robust == pytest.approx(first["pgd_accuracy"], abs=0.05)
+
+
+def test_keep_best_prefers_clean_accuracy_over_a_pgd_difference_in_the_noise(
+        tiny_base_checkpoint, digits):
+    """An epoch a little more robust but much less accurate than the final weights is not
+    kept (the old rule, PGD accuracy alone, kept it)."""
+    model, _ = load_checkpoint(tiny_base_checkpoint)
+    x, y = digits
+    run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64])
+    clean, robust = run.check(model)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    run.best_score, run.best_pgd, run.best_epoch = clean - 0.2 + robust + 0.01, robust + 0.01, 0
+    run.best_state = {k: torch.zeros_like(v) for k, v in final.items()}
+    assert run.keep_best(model)["best_epoch"] == 0
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
 
 
 def test_adversarial_check_must_leave_training_images(tmp_path, capsys):
