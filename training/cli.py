@@ -43,9 +43,10 @@ def add_adversarial_args(p: argparse.ArgumentParser) -> None:
                         "catastrophically on airbench unless its stem is regularised with "
                         "training.train --whiten-eps 0.1, RESULTS 1.5) (default: %(default)s)")
     g.add_argument("--adversarial-check", type=positive(int), default=500, metavar="N",
-                   help="after every epoch, PGD-10 accuracy at that eps on the first N test "
-                        "images, to catch catastrophic overfitting (monitoring only, nothing is "
-                        "selected on it; default: %(default)s)")
+                   help="after every epoch, clean and PGD-10 accuracy at that eps on the last N "
+                        "training images (left out of training), to catch catastrophic "
+                        "overfitting; the epoch with the best sum of the two is kept "
+                        "(default: %(default)s)")
 
 
 def pixel_budget(text: str) -> float:

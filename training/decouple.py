@@ -13,8 +13,9 @@ it kept them, class heads) with a fresh schedule, so decoupling can run in sever
 ``--adversarial-eps 8/255`` trains on single-step adversarial examples (N-FGSM, or FGSM-RS)
 instead of clean images (fast adversarial training, :mod:`training.adversarial`); the gates
 learn their paths from attacked images too (every decoupling loss sees the attacked batch).
-``metrics.json`` then adds the per-epoch PGD-10 accuracy on held-out test images
-(``pgd_accuracy``) and the final one.
+``metrics.json`` then adds the per-epoch clean and PGD-10 accuracy on held-out training
+images (``check_accuracy``, ``pgd_accuracy``), the epoch kept and the PGD-10 accuracy on test
+images.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ then 20 more at a lower ``--lr``), each writing its own run directory.
 
 ``--adversarial-eps 8/255`` trains on single-step adversarial examples (N-FGSM, or FGSM-RS)
 instead of clean images (fast adversarial training, :mod:`training.adversarial`).
-``metrics.json`` then adds the per-epoch PGD-10 accuracy on held-out test images
-(``pgd_accuracy``) and the final one. On airbench give it ``--whiten-eps 0.1`` too: the stem's
+``metrics.json`` then adds the per-epoch clean and PGD-10 accuracy on held-out training
+images (``check_accuracy``, ``pgd_accuracy``), the epoch kept and the PGD-10 accuracy on test
+images. On airbench give it ``--whiten-eps 0.1`` too: the stem's
 default gain on rare patch directions makes single-step training overfit catastrophically.
 """
 

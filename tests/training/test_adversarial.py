@@ -131,7 +131,7 @@ def test_keep_best_prefers_clean_accuracy_over_a_pgd_difference_in_the_noise(
     run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64])
     clean, robust = run.check(model)
     final = {k: v.clone() for k, v in model.state_dict().items()}
-    run.best_score, run.best_pgd, run.best_epoch = clean - 0.2 + robust + 0.01, robust + 0.01, 0
+    run.best_clean, run.best_pgd, run.best_epoch = clean - 0.2, robust + 0.01, 0
     run.best_state = {k: torch.zeros_like(v) for k, v in final.items()}
     assert run.keep_best(model)["best_epoch"] == 0
     assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
