@@ -65,11 +65,12 @@ class PathDetector(FPRThresholdClassifier):
     classes_ : (2,) labels; ``classes_[1]`` is "adversarial".
     estimator_ : the fitted CalibratedClassifierCV.
     threshold_ : float in [0, 1], probability above which an input is flagged.
-    clean_fpr_ : realised false-positive rate on the held-out clean samples.
+    clean_fpr_ : realised false-positive rate on the held-out clean samples (and
+        ``threshold_X``, if given to ``fit``).
     n_features_in_ : int
 
-    ``fit(X, y, groups=None, threshold_mask=None)``, ``predict`` and ``decision_function`` are
-    :class:`~detector.threshold.FPRThresholdClassifier`'s.
+    ``fit(X, y, groups=None, threshold_mask=None, threshold_X=None)``, ``predict`` and
+    ``decision_function`` are :class:`~detector.threshold.FPRThresholdClassifier`'s.
     """
 
     def __init__(self, *, model: str = "logistic", target_fpr: float = 0.05,

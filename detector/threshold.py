@@ -101,7 +101,8 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
     classes_ : (2,) labels; ``classes_[1]`` is "adversarial".
     estimator_ : the fitted scorer (the estimator itself if prefit, or the callable).
     threshold_ : float, score above which an input is flagged.
-    clean_fpr_ : float in [0, 1], realised false-positive rate on the held-out clean samples.
+    clean_fpr_ : float in [0, 1], realised false-positive rate on the held-out clean samples
+        (and ``threshold_X``, if given to ``fit``).
     n_features_in_ : int (array input only, not for a callable scorer)
     """
 
@@ -156,12 +157,15 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
     # --- the estimator
 
     def fit(self, X: Any, y: np.ndarray, groups: np.ndarray | None = None,
-            threshold_mask: np.ndarray | None = None) -> FPRThresholdClassifier:
+            threshold_mask: np.ndarray | None = None,
+            threshold_X: Any | None = None) -> FPRThresholdClassifier:
         """X: (N, F) features (anything the scorer takes, for a callable); y: (N,) two labels;
         groups: (N,) optional image ids, so that the clean samples held out for the threshold
         share no image with the fitted ones; threshold_mask: (N,) bool, the clean samples that
         may set the threshold (default: all of them; e.g. leave out benign-noise negatives so
-        the threshold stays on clean data)."""
+        the threshold stays on clean data); threshold_X: (M, F) optional further clean samples,
+        never fitted on, whose scores join the held-out clean scores in setting the threshold
+        (a threshold read off more clean samples lands closer to ``target_fpr`` on new ones)."""
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr!r}")
         if not 0.0 < self.threshold_fraction < 1.0:
@@ -192,6 +196,10 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
             hold_idx = np.flatnonzero(~positive & eligible)
             self.estimator_ = self._fit_scorer(X, positive)
         clean_scores = self._scores(X[hold_idx])
+        if threshold_X is not None:
+            if self._takes_arrays():
+                threshold_X = validate_data(self, threshold_X, reset=False)
+            clean_scores = np.r_[clean_scores, self._scores(threshold_X)]
         self.threshold_, self.clean_fpr_ = threshold_at_fpr(clean_scores, self.target_fpr)
         return self
 

@@ -55,7 +55,9 @@ def profile_ids(n_train: int, seed: int, max_profile: int) -> torch.Tensor:
 def fit_on_sets(detector: PathDetector, profile: PathProfile, fit: Sets) -> PathDetector:
     """Fit ``detector`` on ``profile``'s features of the fitting sets. Negatives: the clean
     fitting images and their benign copies (``fit.benign``); positives: every fitting attack;
-    groups are source images, and only clean images set the threshold. Returns the detector."""
+    groups are source images, and only clean images set the threshold: the held-out share of
+    the clean fitting images and, if given, every image of ``fit.threshold`` (never fitted).
+    Returns the detector."""
     advs = [s for s in fit.adversarial.values() if s.paths is not None]
     if not advs:
         raise ValueError("no fitting attack succeeded; use stronger --fit-attacks")
@@ -68,7 +70,9 @@ def fit_on_sets(detector: PathDetector, profile: PathProfile, fit: Sets) -> Path
     groups = np.r_[np.arange(n_clean), fit.benign.image if fit.benign is not None else [],
                    *(s.image for s in advs)]
     eligible = np.r_[np.ones(n_clean, bool), np.zeros(len(y) - n_clean, bool)]
-    return detector.fit(X, y, groups=groups, threshold_mask=eligible)  # threshold: clean only
+    more = None if fit.threshold is None else profile.transform(fit.threshold.clean_paths).numpy()
+    return detector.fit(X, y, groups=groups, threshold_mask=eligible,  # threshold: clean only
+                        threshold_X=more)
 
 
 def evaluate_variant(detector: PathDetector, profile: PathProfile, raw: bool, fit: Sets,

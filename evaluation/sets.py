@@ -33,13 +33,15 @@ def extract_paths(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
 def attach_stability(model: nn.Module, sets: Sets, stability: Sequence[str],
                      batch_size: int = 256) -> None:
     """Attach the companion paths of the ``stability`` transforms (:mod:`detector.stability`)
-    to every path batch of ``sets`` (clean, adversarial, benign) that has none yet, computed
-    from their images; the sets' own paths are kept, not recomputed."""
+    to every path batch of ``sets`` (clean, adversarial, benign, threshold) that has none yet,
+    computed from their images; the sets' own paths are kept, not recomputed."""
     sets.clean_paths = paths_with_companions(model, sets.x_clean, sets.clean_paths, stability,
                                              batch_size)
     for s in [*sets.adversarial.values(), *([sets.benign] if sets.benign else [])]:
         if s.paths is not None:
             s.paths = paths_with_companions(model, s.x, s.paths, stability, batch_size)
+    if sets.threshold is not None:
+        attach_stability(model, sets.threshold, stability, batch_size)
 
 
 def paths_with_companions(model: nn.Module, x: torch.Tensor, paths: PathBatch,
@@ -86,6 +88,7 @@ class Sets:
     clean_paths: PathBatch
     adversarial: dict[str, AdvSet] = field(default_factory=dict)
     benign: AdvSet | None = None  # benign changes of the clean images, fitted as negatives
+    threshold: Sets | None = None  # further clean images, never fitted: they only set the threshold
 
     @property
     def attempts(self) -> dict[str, int]:

@@ -144,6 +144,16 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+def nonnegative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """argparse type: a finite number >= 0, error naming the bad value."""
+    def parse(text: str) -> int | float:
+        value = _finite_number(text, kind)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+        return value
+    return parse
+
+
 def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],
                 argv: list[str] | None = None) -> None:
     """Parse, run, and turn user errors (bad values, missing files) into a one-line exit 2."""

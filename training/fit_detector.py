@@ -60,7 +60,14 @@ from evaluation.shifts import MAX_REACH, add_benign_negatives, add_noise_negativ
 from evaluation.suites import SUITES, eval_suite
 from training import decouple as decouple_cmd
 from training import train as train_cmd
-from training.cli import add_data_args, add_runtime_args, load_data, positive, run_command
+from training.cli import (
+    add_data_args,
+    add_runtime_args,
+    load_data,
+    nonnegative,
+    positive,
+    run_command,
+)
 from training.data import ImageData, to_float
 from training.distributed import Rank, process_group
 from training.distributed_crafting import Side, craft_across_ranks
@@ -129,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fitting images at most (default: %(default)s)")
     s.add_argument("--max-eval", type=positive(int), default=1000,
                    help="evaluation images at most (default: %(default)s)")
+    s.add_argument("--threshold-images", type=nonnegative(int), default=0,
+                   help="further fitting-half images after the --max-fit ones whose clean "
+                        "scores (of those classified correctly) only set the threshold, with "
+                        "the held-out quarter of the clean fitting images; never fitted on. A "
+                        "threshold read off more clean images lands closer to --target-fpr on "
+                        "new ones (default: %(default)s)")
     s.add_argument("--max-profile", type=positive(int), default=10000,
                    help="clean training images for the class path profile (default: %(default)s)")
     d = p.add_argument_group("detector")
@@ -254,6 +267,10 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     # Split the test split by image: fitting and evaluation sides share no image.
     fit_half, eval_half = split_by_image(len(data.y_test), args.seed)
     fit_ids, eval_ids = fit_half[:args.max_fit], eval_half[:args.max_eval]
+    threshold_ids = fit_half[len(fit_ids):len(fit_ids) + args.threshold_images]
+    if len(threshold_ids) < args.threshold_images:
+        raise ValueError(f"--threshold-images {args.threshold_images}: the fitting half has "
+                         f"{len(threshold_ids)} images after the {len(fit_ids)} fitting ones")
     x_fit, y_fit = correct_subset(model, to_float(data.x_test[fit_ids]), data.y_test[fit_ids])
     x_eval, y_eval = correct_subset(model, to_float(data.x_test[eval_ids]), data.y_test[eval_ids])
     clean_acc = float(np.mean([len(y_fit) / len(fit_ids), len(y_eval) / len(eval_ids)]))
@@ -295,6 +312,11 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if args.benign_negatives:
         add_benign_negatives(model, fit_sets, seed=args.seed + 3, reach=args.negative_reach,
                              copies=args.benign_negatives)
+    if len(threshold_ids):
+        x_thr, y_thr = correct_subset(model, to_float(data.x_test[threshold_ids]),
+                                      data.y_test[threshold_ids])
+        fit_sets.threshold = Sets(x_thr, y_thr, extract_paths(model, x_thr))
+        log.info("%d further clean images set the threshold", len(y_thr))
     if stability:
         for sets in (fit_sets, eval_sets):
             attach_stability(model, sets, stability)
@@ -385,10 +407,12 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
             "eval_suite": None if args.eval_attacks else args.eval_suite,
             "class_heads": args.class_heads, "stability": list(stability),
             "max_fit": args.max_fit, "max_eval": args.max_eval,
+            "threshold_images": args.threshold_images,
             "max_profile": args.max_profile, "processes": 1 if rank is None else rank.world,
         },
         "clean_accuracy": clean_acc,
         "n_fit_images": len(y_fit), "n_eval_images": len(y_eval),
+        "n_threshold_images": 0 if fit_sets.threshold is None else len(fit_sets.threshold.y_clean),
         "n_fit_positives": {label: len(a.y) for label, a in fitting.adversarial.items()},
         "threshold": detector.threshold_, "threshold_clean_fpr": detector.clean_fpr_,
         "evaluation": evaluation,

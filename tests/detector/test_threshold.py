@@ -99,6 +99,23 @@ def test_unfitted_scorer_is_fitted_on_the_rest_and_thresholded_on_held_out_clean
     np.testing.assert_allclose(clf.predict_proba(X), inner.predict_proba(X))
 
 
+def test_threshold_samples_join_the_held_out_ones_and_are_never_fitted():
+    X, y = blobs(400, 300, shift=2.0)
+    X_more, _ = blobs(600, 0, shift=2.0, seed=3)  # further clean samples
+    plain = FPRThresholdClassifier(LogisticRegression(), target_fpr=0.1, random_state=0)
+    plain.fit(X, y)
+    clf = FPRThresholdClassifier(LogisticRegression(), target_fpr=0.1, random_state=0)
+    clf.fit(X, y, threshold_X=X_more)
+    np.testing.assert_allclose(clf.estimator_.coef_, plain.estimator_.coef_)  # not fitted on
+    _, hold_idx = clf._split(y == 1, None)
+    clean = np.r_[clf.positive_score(X[hold_idx]), clf.positive_score(X_more)]
+    assert len(clean) == 100 + 600
+    assert (clf.threshold_, clf.clean_fpr_) == pytest.approx(threshold_at_fpr(clean, 0.1))
+    assert clf.threshold_ != plain.threshold_
+    with pytest.raises(ValueError, match="features"):
+        clf.fit(X, y, threshold_X=X_more[:, :1])
+
+
 def test_prefit_scorer_is_thresholded_on_every_eligible_clean_sample():
     X_fit, y_fit = blobs(200, 200, shift=2.0, seed=1)
     scorer = LinearSVC().fit(X_fit, y_fit)  # decision_function only

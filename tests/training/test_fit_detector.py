@@ -188,11 +188,31 @@ def test_adversarial_archive(run):
     assert fgsm.min() >= 0 and fgsm.max() <= 1 and len(arrays["eval_adv0_y"]) == len(fgsm)
 
 
+def test_threshold_images_set_the_threshold_with_the_held_out_ones(
+        run, tiny_decoupled_checkpoint, tmp_path):
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
+                               "--threshold-images", "100"))
+    first = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert first["n_threshold_images"] == 0 and first["config"]["threshold_images"] == 0
+    assert metrics["config"]["threshold_images"] == 100
+    assert 50 < metrics["n_threshold_images"] <= 100  # the correctly classified ones
+    assert metrics["threshold"] != first["threshold"]
+    assert metrics["threshold_clean_fpr"] <= 0.05
+    # the same fitted scorer: only the threshold moved
+    for label, m in first["evaluation"]["attacks"].items():
+        assert metrics["evaluation"]["attacks"][label]["auroc"] == pytest.approx(m["auroc"])
+    assert load_bundle(tmp_path / "bundle").detector.threshold_ == metrics["threshold"]
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--fit-attacks", "foo:0.1"], "unknown attack 'foo:0.1'"),
     (["--eval-attacks", "pgd:2"], r"strength of 'pgd:2' must be in (0, 1]"),
     (["--eval-attacks", "fgsm:x"], "bad strength in attack 'fgsm:x'"),
     (["--target-fpr", "0.7"], "--target-fpr must be in (0, 0.5), got 0.7"),
+    (["--threshold-images", "-1"], "must be >= 0, got '-1'"),
+    (["--threshold-images", "100000"], "--threshold-images 100000: the fitting half has"),
     (["--compare", "svm"], "bad --compare variant 'svm'"),
     (["--compare", "logistic+foo"], "bad --compare variant 'logistic+foo'"),
 ])
