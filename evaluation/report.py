@@ -46,11 +46,14 @@ def markdown_report(metrics: dict[str, Any]) -> str:
     lines = [
         f"# Detector report: {metrics['name']}",
         "",
-        f"Model: decoupled `{cfg['arch']}` from `{cfg['checkpoint']}` "
-        f"(clean test accuracy {metrics['clean_accuracy']:.4f}). Detector: `{cfg['detector']}` "
+        f"Model: decoupled `{cfg['arch']}` from `{cfg['checkpoint']}` (clean accuracy on the "
+        f"whole test split {metrics['clean_accuracy']:.4f}). Detector: `{cfg['detector']}` "
         f"on {'path statistics + raw gates' if cfg['raw_features'] else 'path statistics'}, "
         f"threshold {metrics['threshold']:.4f} set at {cfg['target_fpr']:.0%} FPR on held-out "
-        f"clean fitting images (realised there: {metrics['threshold_clean_fpr']:.3f}).",
+        "clean fitting images"
+        + (f" and {n} further clean images of the fitting half, never fitted on"
+           if (n := metrics.get("n_threshold_images", 0)) else "")
+        + f" (realised there: {metrics['threshold_clean_fpr']:.3f}).",
         "",
         f"Fitted on: {', '.join(cfg['fit_attacks'])}. Evaluated on "
         + (f"the `{cfg['eval_suite']}` suite. " if cfg.get("eval_suite") else

@@ -273,7 +273,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
                          f"{len(threshold_ids)} images after the {len(fit_ids)} fitting ones")
     x_fit, y_fit = correct_subset(model, to_float(data.x_test[fit_ids]), data.y_test[fit_ids])
     x_eval, y_eval = correct_subset(model, to_float(data.x_test[eval_ids]), data.y_test[eval_ids])
-    clean_acc = float(np.mean([len(y_fit) / len(fit_ids), len(y_eval) / len(eval_ids)]))
+    # on the whole test split, as training.train and training.decouple measure it
+    clean_acc = float((predict(model, to_float(data.x_test)) == data.y_test).float().mean())
     reused = args.reuse_attacks
     if reused and not (out / ADVERSARIAL).is_file():
         raise FileNotFoundError(f"--reuse-attacks: {out / ADVERSARIAL} not found; run once "

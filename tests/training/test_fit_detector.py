@@ -46,6 +46,9 @@ def test_writes_all_outputs(run):
 def test_metrics_cover_each_eval_attack(run, tiny_decoupled_checkpoint):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["config"]["checkpoint"] == str(tiny_decoupled_checkpoint)
+    # clean accuracy on the whole test split, the number the decoupling reported
+    decoupled = json.loads((tiny_decoupled_checkpoint / "metrics.json").read_text())
+    assert metrics["clean_accuracy"] == pytest.approx(decoupled["test_accuracy"])
     assert metrics["config"]["fit_attacks"] == ["FGSM eps=0.2", "PGD eps=0.2"]
     assert 0 < metrics["n_fit_images"] <= 60 and 0 < metrics["n_eval_images"] <= 60
     attacks = metrics["evaluation"]["attacks"]
@@ -204,6 +207,8 @@ def test_threshold_images_set_the_threshold_with_the_held_out_ones(
     for label, m in first["evaluation"]["attacks"].items():
         assert metrics["evaluation"]["attacks"][label]["auroc"] == pytest.approx(m["auroc"])
     assert load_bundle(tmp_path / "bundle").detector.threshold_ == metrics["threshold"]
+    report = (tmp_path / "report.md").read_text()
+    assert f"and {metrics['n_threshold_images']} further clean images" in report
 
 
 @pytest.mark.parametrize(("extra", "message"), [
