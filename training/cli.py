@@ -134,24 +134,27 @@ def share(text: str) -> float:
     return value
 
 
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """argparse type: a positive finite number, error naming the bad value."""
+def _at_least(kind: type[int] | type[float], low: float, strict: bool
+              ) -> Callable[[str], int | float]:
+    """argparse type: a finite number above ``low`` (or at least ``low`` unless ``strict``),
+    error naming the bad value."""
     def parse(text: str) -> int | float:
         value = _finite_number(text, kind)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {low:g}, got {text!r}")
         return value
     return parse
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """argparse type: a positive finite number, error naming the bad value."""
+    return _at_least(kind, 0, strict=True)
 
 
 def nonnegative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     """argparse type: a finite number >= 0, error naming the bad value."""
-    def parse(text: str) -> int | float:
-        value = _finite_number(text, kind)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-        return value
-    return parse
+    return _at_least(kind, 0, strict=False)
 
 
 def run_command(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],

@@ -271,10 +271,16 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if len(threshold_ids) < args.threshold_images:
         raise ValueError(f"--threshold-images {args.threshold_images}: the fitting half has "
                          f"{len(threshold_ids)} images after the {len(fit_ids)} fitting ones")
-    x_fit, y_fit = correct_subset(model, to_float(data.x_test[fit_ids]), data.y_test[fit_ids])
-    x_eval, y_eval = correct_subset(model, to_float(data.x_test[eval_ids]), data.y_test[eval_ids])
-    # on the whole test split, as training.train and training.decouple measure it
-    clean_acc = float((predict(model, to_float(data.x_test)) == data.y_test).float().mean())
+    x_test = to_float(data.x_test)
+    correct = predict(model, x_test) == data.y_test  # (N,) over the whole test split
+
+    def correct_images(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = ids[correct[ids]]
+        return x_test[keep], data.y_test[keep]
+
+    x_fit, y_fit = correct_images(fit_ids)
+    x_eval, y_eval = correct_images(eval_ids)
+    clean_acc = float(correct.float().mean())  # as training.train and training.decouple report it
     reused = args.reuse_attacks
     if reused and not (out / ADVERSARIAL).is_file():
         raise FileNotFoundError(f"--reuse-attacks: {out / ADVERSARIAL} not found; run once "
@@ -314,8 +320,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         add_benign_negatives(model, fit_sets, seed=args.seed + 3, reach=args.negative_reach,
                              copies=args.benign_negatives)
     if len(threshold_ids):
-        x_thr, y_thr = correct_subset(model, to_float(data.x_test[threshold_ids]),
-                                      data.y_test[threshold_ids])
+        x_thr, y_thr = correct_images(threshold_ids)
         fit_sets.threshold = Sets(x_thr, y_thr, extract_paths(model, x_thr))
         log.info("%d further clean images set the threshold", len(y_thr))
     if stability:
@@ -338,8 +343,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         fitting = replace(fit_sets, adversarial={**fit_sets.adversarial, **extra})
     fitted = {s.label for s in fit_specs} | set(fitting.adversarial)  # adaptive positives too
     # benign changes of every evaluation image, right or wrong, for the classifier's accuracy
-    x_all, y_all = to_float(data.x_test[eval_ids]), data.y_test[eval_ids]
-    shift_correct = (predict(model, x_all) == y_all).numpy()
+    x_all, y_all = x_test[eval_ids], data.y_test[eval_ids]
+    shift_correct = correct[eval_ids].numpy()
     shifts = benign_shifts(x_all, seed=args.seed)
     shift_paths = {k: extract_paths(model, v, stability=stability) for k, v in shifts.items()}
 
