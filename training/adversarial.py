@@ -83,12 +83,14 @@ class FastAdversarial:
 def clean_and_pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                            steps: int = 10, batch_size: int = 256) -> tuple[float, float]:
     """(clean, PGD) accuracy in [0, 1] of ``model`` (set to eval) on x (N, C, H, W) float in
-    [0, 1], y (N,); PGD: ``steps`` steps of eps / 4 from a random start
-    (:func:`detector.perturb.pgd`): the catastrophic-overfitting check."""
+    [0, 1], y (N,), on any device (each batch moves to the model's); PGD: ``steps`` steps of
+    eps / 4 from a random start (:func:`detector.perturb.pgd`): the catastrophic-overfitting
+    check."""
     model.eval()
+    device = next(model.parameters()).device
     clean = robust = 0
     for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         clean += int((model(xb).argmax(1) == yb).sum())
         adv = perturb.pgd(model, xb, yb, eps, steps=steps, alpha=eps / 4)
         robust += int((model(adv).argmax(1) == yb).sum())
@@ -105,9 +107,10 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 @dataclass
 class AdversarialTraining:
     """What ``--adversarial-eps`` adds to a training command: the batches' attack, and the
-    per-epoch check on ``x_check`` (N, C, H, W) float in [0, 1], ``y_check`` (N,): training
-    images held out of training, on which the best epoch is chosen (Wong et al.'s early
-    stopping: after catastrophic overfitting the last epoch is not the most robust one).
+    per-epoch check on ``x_check`` (N, C, H, W) float in [0, 1], ``y_check`` (N,): the
+    training images at ``check_ids`` (N,), held out of training, on which the best epoch is
+    chosen (Wong et al.'s early stopping: after catastrophic overfitting the last epoch is not
+    the most robust one).
 
     The best epoch is the one with the highest clean + PGD-10 accuracy on the check images:
     catastrophic overfitting loses far more robust accuracy than it gains clean accuracy, so
@@ -118,6 +121,7 @@ class AdversarialTraining:
     attack: FastAdversarial
     x_check: torch.Tensor
     y_check: torch.Tensor
+    check_ids: torch.Tensor
     best_clean: float = -1.0
     best_pgd: float = -1.0
     best_epoch: int = -1
@@ -131,26 +135,33 @@ class AdversarialTraining:
     @classmethod
     def from_args(cls, args: argparse.Namespace, data: ImageData) -> AdversarialTraining | None:
         """What the command's ``--adversarial-*`` options ask for (None without
-        ``--adversarial-eps``): the check on the last ``--adversarial-check`` training images,
-        which :meth:`training_images` then leaves out."""
+        ``--adversarial-eps``): the check on ``--adversarial-check`` training images drawn
+        with a fixed seed (the same ones in ``train`` and ``decouple``, whatever ``--seed``;
+        drawn at random because a split may be sorted by class, as ImageFolder's is), which
+        :meth:`training_images` then leaves out."""
         if args.adversarial_eps is None:
             return None
         n = args.adversarial_check
         if n >= len(data.y_train):
             raise ValueError(f"--adversarial-check {n} leaves no training images "
                              f"({len(data.y_train)} in {data.name!r})")
+        ids = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:n]
         return cls(FastAdversarial(args.adversarial_eps, args.adversarial_method),
-                   to_float(data.x_train[-n:]), data.y_train[-n:])
+                   to_float(data.x_train[ids]), data.y_train[ids], ids)
 
     def training_images(self, x: torch.Tensor, y: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training images x (N, C, H, W) uint8, y (N,) without the held-out check ones."""
-        return x[:-len(self.y_check)], y[:-len(self.y_check)]
+        """The training images x (N, C, H, W) uint8, y (N,) without the held-out check ones,
+        in their order."""
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[self.check_ids] = False
+        return x[keep], y[keep]
 
     def inputs(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The batch x (B, C, H, W) in [0, 1] the step trains on: its FGSM-RS copies. ``net`` may
-        be a DistributedDataParallel wrapper: the attack runs on the module inside it, so the
-        attack's backward pass does not take part in gradient synchronisation."""
+        """The batch x (B, C, H, W) in [0, 1] the step trains on: its single-step adversarial
+        copies (``self.attack.method``). ``net`` may be a DistributedDataParallel wrapper: the
+        attack runs on the module inside it, so the attack's backward pass does not take part
+        in gradient synchronisation."""
         return self.attack.perturb(getattr(net, "module", net), x, y)
 
     def monitor(self, model: nn.Module) -> Callable[[int], dict[str, float]]:

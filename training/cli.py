@@ -43,10 +43,10 @@ def add_adversarial_args(p: argparse.ArgumentParser) -> None:
                         "catastrophically on airbench unless its stem is regularised with "
                         "training.train --whiten-eps 0.1, RESULTS 1.5) (default: %(default)s)")
     g.add_argument("--adversarial-check", type=positive(int), default=500, metavar="N",
-                   help="after every epoch, clean and PGD-10 accuracy at that eps on the last N "
-                        "training images (left out of training), to catch catastrophic "
-                        "overfitting; the epoch with the best sum of the two is kept "
-                        "(default: %(default)s)")
+                   help="after every epoch, clean and PGD-10 accuracy at that eps on N "
+                        "training images drawn with a fixed seed (left out of training), to "
+                        "catch catastrophic overfitting; the epoch with the best sum of the "
+                        "two is kept (default: %(default)s)")
 
 
 def pixel_budget(text: str) -> float:
@@ -115,7 +115,8 @@ def _finite_number(text: str, kind: type[int] | type[float]) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value

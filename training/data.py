@@ -114,7 +114,9 @@ def load_torchvision(name: str, root: Path, download: bool) -> ImageData:
 
 
 def load_image_folder(root: Path, image_size: int) -> ImageData:
-    """ImageFolder data resized to ``image_size`` squared, RGB."""
+    """ImageFolder data resized to ``image_size`` squared, RGB; a ``test/`` folder's images are
+    shuffled with a fixed seed (ImageFolder lists them by class, and commands read the first
+    ones of the test split)."""
     import torchvision
     from torchvision.transforms import v2
 
@@ -126,7 +128,7 @@ def load_image_folder(root: Path, image_size: int) -> ImageData:
         return torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64), ds.classes
     if (root / "train").is_dir() and (root / "test").is_dir():
         xtr, ytr, classes = read(root / "train")
-        xte, yte, _ = read(root / "test")
+        xte, yte = _shuffled(*read(root / "test")[:2], seed=0)
     else:
         from sklearn.model_selection import train_test_split
 

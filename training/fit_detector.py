@@ -299,7 +299,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         profile = PathProfile.fit(prof_paths, y_prof.numpy(), spec.num_classes, heads=heads)
 
     if reused:
-        fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, crafted_specs)
+        fit_sets, eval_sets = _reuse(out / ADVERSARIAL, model, fit_specs, crafted_specs,
+                                     x_fit, x_eval)
     elif rank is not None:
         crafted = craft_across_ranks(
             model, [Side("fit", x_fit, y_fit, fit_specs, args.seed, args.attacks_per_image),
@@ -443,8 +444,12 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
 
 
 def _reuse(path: Path, model: torch.nn.Module, fit_specs: list[AttackSpec],
-           eval_specs: list[AttackSpec]) -> tuple[Sets, Sets]:
-    """The sets of an earlier run, refused if they hold other attacks than asked for."""
+           eval_specs: list[AttackSpec], x_fit: torch.Tensor, x_eval: torch.Tensor
+           ) -> tuple[Sets, Sets]:
+    """The sets of an earlier run, refused if they hold other attacks than asked for, or other
+    clean images than this run's x_fit, x_eval (N, C, H, W) in [0, 1] (another checkpoint,
+    --seed, --max-fit or --max-eval: the threshold or evaluation images could then overlap
+    the fitted ones)."""
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     fit_sets = sets_from_arrays(arrays, "fit", model)
@@ -453,6 +458,11 @@ def _reuse(path: Path, model: torch.nn.Module, fit_specs: list[AttackSpec],
         if set(sets.adversarial) != {s.label for s in specs}:
             raise ValueError(f"--reuse-attacks: {path} holds {side} attacks "
                              f"{sorted(sets.adversarial)}, not {[s.label for s in specs]}")
+    for side, sets, x in (("fitting", fit_sets, x_fit), ("evaluation", eval_sets, x_eval)):
+        if not torch.equal(sets.x_clean, x):
+            raise ValueError(f"--reuse-attacks: the {side} images of {path} are not this run's "
+                             "(another checkpoint, --seed, --max-fit or --max-eval?); run "
+                             "without --reuse-attacks to craft the sets again")
     log.info("reusing the adversarial sets of %s", path)
     return fit_sets, eval_sets
 

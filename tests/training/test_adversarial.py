@@ -1,6 +1,8 @@
 """Fast adversarial training: the FGSM-RS batches, the PGD check, and the commands' option."""
 
+import argparse
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,7 +108,7 @@ def test_keep_best_restores_the_best_epoch(tiny_base_checkpoint, digits):
     ones score lower."""
     model, _ = load_checkpoint(tiny_base_checkpoint)
     x, y = digits
-    run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64])
+    run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64], torch.arange(64))
     hook = run.monitor(model)
     first = hook(0)
     assert first["pgd_accuracy"] > 0.0 and first["check_accuracy"] > 0.5
@@ -128,7 +130,7 @@ def test_keep_best_prefers_clean_accuracy_over_a_pgd_difference_in_the_noise(
     kept (the old rule, PGD accuracy alone, kept it)."""
     model, _ = load_checkpoint(tiny_base_checkpoint)
     x, y = digits
-    run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64])
+    run = AdversarialTraining(FastAdversarial(EPS), x[:64], y[:64], torch.arange(64))
     clean, robust = run.check(model)
     final = {k: v.clone() for k, v in model.state_dict().items()}
     run.best_clean, run.best_pgd, run.best_epoch = clean - 0.2, robust + 0.01, 0
@@ -144,3 +146,32 @@ def test_adversarial_check_must_leave_training_images(tmp_path, capsys):
     assert e.value.code == 2
     assert "--adversarial-check 100000 leaves no training images" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_check_images_are_drawn_across_a_class_sorted_split():
+    """A training split sorted by class (ImageFolder's order) still gives a check on every
+    class; the check images are left out of training, the others keep their order."""
+    data = load_dataset("digits")
+    order = torch.argsort(data.y_train, stable=True)
+    data = replace(data, x_train=data.x_train[order], y_train=data.y_train[order])
+    args = argparse.Namespace(adversarial_eps=EPS, adversarial_method="fgsm-rs",
+                              adversarial_check=200)
+    run = AdversarialTraining.from_args(args, data)
+    assert set(run.y_check.tolist()) == set(range(10))
+    torch.testing.assert_close(run.x_check, to_float(data.x_train[run.check_ids]))
+    x, y = run.training_images(data.x_train, data.y_train)
+    assert len(y) == len(data.y_train) - 200
+    kept = sorted(set(range(len(data.y_train))) - set(run.check_ids.tolist()))
+    assert torch.equal(x, data.x_train[kept]) and torch.equal(y, data.y_train[kept])
+    again = AdversarialTraining.from_args(args, data)  # train and decouple hold out the same
+    assert torch.equal(again.check_ids, run.check_ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_check_runs_on_the_models_device(tiny_base_checkpoint, digits):
+    """Check images stay on the CPU while the model trains on the GPU."""
+    model, _ = load_checkpoint(tiny_base_checkpoint)
+    x, y = digits
+    on_cpu = clean_and_pgd_accuracy(model, x, y, EPS)
+    on_gpu = clean_and_pgd_accuracy(model.cuda(), x, y, EPS)
+    assert on_gpu[0] == pytest.approx(on_cpu[0], abs=0.01)

@@ -179,6 +179,21 @@ def test_reuse_attacks_refuses_other_attacks(run, tiny_decoupled_checkpoint, tmp
     assert "--reuse-attacks" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change", [("--max-fit", "50"), ("--seed", "1")])
+def test_reuse_attacks_refuses_other_images(run, tiny_decoupled_checkpoint, tmp_path, capsys,
+                                            change):
+    """Sets crafted on other clean images would let the threshold or evaluation images overlap
+    the fitted ones: refused, naming the option."""
+    (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
+    with pytest.raises(SystemExit) as e:
+        fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
+                                   *change))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--reuse-attacks" in err and "images" in err
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_adversarial_archive(run):
     arrays = np.load(run / "adversarial.npz")
     labels = [str(arrays[f"eval_adv{i}_label"]) for i in range(2)]
@@ -251,6 +266,8 @@ def test_missing_checkpoint_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-fit", "0"], "must be > 0, got '0'"),
+    (["--max-fit", "2.5"], "--max-fit: not an integer: '2.5'"),
+    (["--negative-reach", "x"], "--negative-reach: not a number: 'x'"),
     (["--detector", "svm"], "invalid choice: 'svm'"),
     (["--negative-reach", "4"], "--negative-reach: must be <= 3, got '4'"),
     (["--benign-negatives", "0"], "--benign-negatives: must be > 0, got '0'"),
