@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from detector.bundle import BundleError, load_bundle
 from evaluation.cost import detector_costs
-from training.cli import positive
-from training.data import load_dataset, to_float
+from training.cli import add_bundle_options, bundle_and_data, positive
+from training.data import to_float
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=Path("models/cifar10/bundle"),
-                        help="bundle directory (default: %(default)s)")
-    parser.add_argument("--dataset", default="../shared/data/cifar10.npz",
-                        help="test images: a dataset spec of training.data (default: %(default)s)")
+    add_bundle_options(parser)
     parser.add_argument("--images", type=positive(int), default=50,
                         help="test images cycled through the rounds (default: %(default)s)")
     parser.add_argument("--rounds", type=positive(int), default=300,
@@ -40,17 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=positive(int), default=3,
                         help="measurements (default: %(default)s)")
     args = parser.parse_args(argv)
-    try:
-        bundle = load_bundle(args.bundle)
-    except (BundleError, FileNotFoundError) as e:
-        parser.error(f"--bundle {args.bundle}: {e}")
-    try:
-        data = load_dataset(args.dataset)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"--dataset {args.dataset}: {e}")
-    if data.input_shape != tuple(bundle.spec.input_shape):
-        parser.error(f"--dataset {args.dataset} has images of shape {data.input_shape}, the "
-                     f"bundle takes {tuple(bundle.spec.input_shape)}")
+    bundle, data = bundle_and_data(parser, args.bundle, args.dataset)
     images = to_float(data.x_test[:args.images])
     print(f"{args.bundle}: {len(images)} test images, {args.rounds} interleaved rounds, "  # noqa: T201
           "1 thread\nrun | path -> score us | network us | ratio | stability pass us")

@@ -71,7 +71,9 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
             stability = sorted({t for profile, _ in detectors.values() for t in profile.stability})
             paths = [record_paths(model, x, stability) for x in singles]
             exported = {name: torch_detector(det) for name, (_, det) in detectors.items()}
-            runs = {"network": lambda i: model(singles[int(i)])}
+            # the bare network in the layout the analysis runs it in (detector.paths)
+            bare = [x.contiguous(memory_format=torch.channels_last) for x in singles]
+            runs = {"network": lambda i: model(bare[int(i)])}
             stacks = {tuple(profile.stability) for profile, _ in detectors.values()}
             runs |= {_stability_run(s): (lambda i, s=s: with_companions(
                 model, singles[int(i)], paths[int(i)], s)) for s in stacks if s}

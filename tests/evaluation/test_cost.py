@@ -56,17 +56,24 @@ def test_size_is_the_compressed_detector(fitted):
     assert 0 < small < large
 
 
-def test_benchmark_prints_the_ratio_per_run_and_names_bad_values(fitted, tmp_path):
+def benchmark_runner(fitted, directory: Path, script: str):
+    """A function running ``benchmarks/<script>`` on a digits bundle of the fitted random forest
+    saved under ``directory``, returning the finished process."""
     model, spec, _, detectors = fitted
     profile, detector = detectors["random_forest"]
-    bundle = save_bundle(tmp_path / "bundle", name="digits", model=model, spec=spec,
+    bundle = save_bundle(directory / "bundle", name="digits", model=model, spec=spec,
                          profile=profile, detector=detector,
                          network_macs=network_macs(model, spec.input_shape))
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "detector_cost.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / script
 
     def run(*argv: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(script), "--bundle", str(bundle),
+        return subprocess.run([sys.executable, str(path), "--bundle", str(bundle),
                                *map(str, argv)], capture_output=True, text=True, timeout=300)
+    return run
+
+
+def test_benchmark_prints_the_ratio_per_run_and_names_bad_values(fitted, tmp_path):
+    run = benchmark_runner(fitted, tmp_path, "detector_cost.py")
 
     result = run("--dataset", "digits", "--images", 3, "--rounds", 3, "--runs", 2)
     assert result.returncode == 0, result.stderr
@@ -77,3 +84,17 @@ def test_benchmark_prints_the_ratio_per_run_and_names_bad_values(fitted, tmp_pat
         assert float(ratio) == pytest.approx(float(score) / float(network), rel=0.05, abs=2e-3)
     bad = run("--dataset", "digits", "--rounds", 0)
     assert bad.returncode == 2 and "--rounds: must be > 0, got '0'" in bad.stderr
+
+
+def test_memory_format_benchmark_prints_both_layouts_and_names_bad_values(fitted, tmp_path):
+    run = benchmark_runner(fitted, tmp_path, "memory_format.py")
+
+    result = run("--dataset", "digits", "--rounds", 3)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "32"]
+    for _, nchw, nhwc, ratio in rows:
+        assert float(nchw) > 0 and float(nhwc) > 0
+        assert float(ratio) == pytest.approx(float(nhwc) / float(nchw), rel=0.05, abs=2e-3)
+    bad = run("--dataset", "digits", "--threads", 0)
+    assert bad.returncode == 2 and "--threads: must be > 0, got '0'" in bad.stderr
