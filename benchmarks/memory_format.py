@@ -22,8 +22,10 @@ import time
 
 import torch
 
+from detector.paths import to_inference_layout
 from detector.recording import recording
-from training.cli import add_bundle_options, bundle_and_data, positive
+from evaluation.bundle_options import add_bundle_options, bundle_and_data
+from training.cli import positive
 from training.data import to_float
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
           "batch | NCHW us | NHWC us | NHWC / NCHW")
     for batch in (1, 32):
         images = to_float(data.x_test[:batch]).contiguous()
-        layouts = {"nchw": images, "nhwc": images.contiguous(memory_format=torch.channels_last)}
+        layouts = {"nchw": images, "nhwc": to_inference_layout(images)}
         times: dict[str, list[float]] = {name: [] for name in layouts}
         for _ in range(5):  # warm-up
             for x in layouts.values():

@@ -69,6 +69,14 @@ class PathResult:
         return (network_macs - gated_dense + executed) / network_macs
 
 
+def to_inference_layout(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, C, H, W) laid out channels_last (NHWC), the layout every inference pass runs in
+    (fitting the detector, serving, attacking: they all read the same scores); the same values.
+    A CIFAR-10 bundle's forward pass takes 0.74-0.81x the time it takes in NCHW on x86 CPUs
+    (``benchmarks/memory_format.py``). Other shapes are returned as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False,
                  detach_gate_input: bool = False, pooled: bool = True) -> PathResult:
     """Run ``model`` once on x: (B, C, H, W) in [0, 1] and return logits and path.
@@ -77,15 +85,11 @@ def compute_path(model: nn.Module, x: torch.Tensor, force_open: bool = False,
     ``detach_gate_input=True`` stops gradients from the gates into the layers before them
     (training only; see :func:`detector.recording.recording`). ``pooled=False`` skips
     :attr:`LayerPath.pooled` (the decoupling loss needs it, detection does not), which lets sparse
-    execution skip closed filters of layers with a pool between conv and BN. In eval mode a
-    (B, C, H, W) input runs channels_last (NHWC): faster convolutions, the same results up to
-    float rounding (every inference pass runs this layout, so fitting and serving agree).
+    execution skip closed filters of layers with a pool between conv and BN. In eval mode x runs
+    in :func:`to_inference_layout` (results as in NCHW up to float rounding).
     """
-    if x.dim() == 4 and not model.training:
-        # NHWC: the analysis of a CIFAR-10 bundle runs in ~0.8x the time at batch 1 on x86
-        # CPUs (benchmarks/memory_format.py). Every inference path (fitting the detector,
-        # serving, attacking) passes here, so all of them read the same, bit-identical scores.
-        x = x.contiguous(memory_format=torch.channels_last)
+    if not model.training:
+        x = to_inference_layout(x)
     with recording(force_open=force_open, detach_input=detach_gate_input,
                    pooled=pooled) as rec:
         logits = model(x)

@@ -24,6 +24,7 @@ from detector.differentiable import torch_detector
 from detector.estimator import PathDetector
 from detector.execution import median_times_ms
 from detector.features import PathProfile
+from detector.paths import to_inference_layout
 from detector.stability import record_paths, with_companions
 
 
@@ -71,8 +72,7 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
             stability = sorted({t for profile, _ in detectors.values() for t in profile.stability})
             paths = [record_paths(model, x, stability) for x in singles]
             exported = {name: torch_detector(det) for name, (_, det) in detectors.items()}
-            # the bare network in the layout the analysis runs it in (detector.paths)
-            bare = [x.contiguous(memory_format=torch.channels_last) for x in singles]
+            bare = [to_inference_layout(x) for x in singles]  # as the analysis runs it
             runs = {"network": lambda i: model(bare[int(i)])}
             stacks = {tuple(profile.stability) for profile, _ in detectors.values()}
             runs |= {_stability_run(s): (lambda i, s=s: with_companions(
