@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evaluation.bundle_options import add_bundle_options, bundle_and_data
 from evaluation.cost import detector_costs
+from training.bundle_options import add_bundle_options, bundle_and_data
 from training.cli import positive
 from training.data import to_float
 

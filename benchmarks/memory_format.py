@@ -24,7 +24,7 @@ import torch
 
 from detector.paths import to_inference_layout
 from detector.recording import recording
-from evaluation.bundle_options import add_bundle_options, bundle_and_data
+from training.bundle_options import add_bundle_options, bundle_and_data
 from training.cli import positive
 from training.data import to_float
 
