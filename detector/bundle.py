@@ -179,7 +179,8 @@ def save_bundle(directory: Path, *, name: str, model: nn.Module, spec: ModelSpec
                                 target_fpr=detector.target_fpr, clean_fpr=detector.clean_fpr_,
                                 include_raw_features=profile.include_raw,
                                 n_features=int(detector.n_features_in_),
-                                stability_transforms=profile.stability),
+                                stability_transforms=profile.stability,
+                                fpr_confidence=detector.fpr_confidence),
         files={f: sha256(directory / f) for f in (WEIGHTS, PROFILE, DETECTOR)},
         metrics=metrics or {},
     )

@@ -53,6 +53,10 @@ class PathDetector(FPRThresholdClassifier):
         Inner classifier.
     target_fpr : float in (0, 1)
         Share of held-out clean samples allowed above the threshold.
+    fpr_confidence : float in (0, 1) or None
+        None: the threshold flags ``target_fpr`` of the held-out clean samples; c: new clean
+        samples are flagged at most at ``target_fpr`` with probability >= c
+        (:func:`~detector.threshold.threshold_at_fpr`).
     threshold_fraction : float in (0, 1)
         Share of the clean samples (or of the groups, if given) held out from fitting and used
         only to set the threshold.
@@ -74,10 +78,11 @@ class PathDetector(FPRThresholdClassifier):
     """
 
     def __init__(self, *, model: str = "logistic", target_fpr: float = 0.05,
-                 threshold_fraction: float = 0.25, calibration: str = "sigmoid",
-                 random_state: int | None = None) -> None:
+                 fpr_confidence: float | None = None, threshold_fraction: float = 0.25,
+                 calibration: str = "sigmoid", random_state: int | None = None) -> None:
         self.model = model
         self.target_fpr = target_fpr
+        self.fpr_confidence = fpr_confidence
         self.threshold_fraction = threshold_fraction
         self.calibration = calibration
         self.random_state = random_state

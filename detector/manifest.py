@@ -35,10 +35,13 @@ class OperatingPoint:
 
     model: the inner classifier (``"random_forest"``, ...); threshold in [0, 1]: a calibrated
     score above it is flagged; target_fpr in (0, 1): the clean false-positive rate the threshold
-    was set for; clean_fpr: the rate realised on the held-out clean samples that set it (None in
-    bundles that did not record it); include_raw_features: raw gate bits and logits appended to
-    the path statistics; n_features: the detector's input width F; stability_transforms: names
-    of :data:`detector.stability.TRANSFORMS` whose companion paths the features compare with the
+    was set for; fpr_confidence: None if the threshold flags target_fpr of the held-out clean
+    samples, else the probability in (0, 1) with which new clean inputs are flagged at most at
+    target_fpr (:func:`detector.threshold.threshold_at_fpr`); clean_fpr: the rate realised on
+    the held-out clean samples that set it (None in bundles that did not record it);
+    include_raw_features: raw gate bits and logits appended to the path statistics; n_features:
+    the detector's input width F; stability_transforms: names of
+    :data:`detector.stability.TRANSFORMS` whose companion paths the features compare with the
     input's (empty: none).
     """
 
@@ -49,22 +52,27 @@ class OperatingPoint:
     include_raw_features: bool
     n_features: int
     stability_transforms: tuple[str, ...] = ()
+    fpr_confidence: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OperatingPoint:
-        clean_fpr = data.get("clean_fpr")
+        clean_fpr, confidence = data.get("clean_fpr"), data.get("fpr_confidence")
+        if confidence is not None and not 0.0 < float(confidence) < 1.0:
+            raise ValueError(f"fpr_confidence must be in (0, 1) or null, got {confidence!r}")
         return cls(model=str(data["model"]), threshold=float(data["threshold"]),
                    target_fpr=float(data["target_fpr"]),
                    clean_fpr=None if clean_fpr is None else float(clean_fpr),
                    include_raw_features=bool(data.get("include_raw_features", False)),
                    n_features=int(data["n_features"]),
-                   stability_transforms=_names(data.get("stability_transforms", [])))
+                   stability_transforms=_names(data.get("stability_transforms", [])),
+                   fpr_confidence=None if confidence is None else float(confidence))
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "threshold": self.threshold, "target_fpr": self.target_fpr,
                 "clean_fpr": self.clean_fpr, "include_raw_features": self.include_raw_features,
                 "n_features": self.n_features,
-                "stability_transforms": list(self.stability_transforms)}
+                "stability_transforms": list(self.stability_transforms),
+                "fpr_confidence": self.fpr_confidence}
 
 
 @dataclass(frozen=True)

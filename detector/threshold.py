@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 from sklearn.utils.metaestimators import available_if
@@ -25,19 +26,47 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, v
 RESPONSE_METHODS = ("auto", "predict_proba", "decision_function")
 
 
-def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float) -> tuple[float, float]:
+def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float,
+                     confidence: float | None = None) -> tuple[float, float]:
     """The decision threshold that flags at most ``target_fpr`` of clean samples.
 
     clean_scores: (N,) scores of clean samples, N >= 1, higher = more adversarial; target_fpr in
-    (0, 1). Returns the threshold (the ``1 - target_fpr`` quantile, rounded up to an observed
-    score; a sample is flagged when its score is strictly above it) and the share of
-    ``clean_scores`` it flags (the realised FPR, <= target_fpr).
+    (0, 1). A sample is flagged when its score is strictly above the threshold, an observed
+    score. Returns the threshold and the share of ``clean_scores`` it flags (the realised FPR).
+
+    confidence None: the threshold is the ``1 - target_fpr`` quantile (rounded up), so the
+    realised FPR is <= target_fpr and new clean samples are flagged at about that rate, give or
+    take the sampling noise of N scores. confidence c in (0, 1): the threshold is the k-th
+    highest score, k the largest count for which the false-positive rate on new samples from
+    the same distribution is <= target_fpr with probability >= c (for continuous scores that
+    rate at the k-th highest of N is Beta(k + 1, N - k) distributed, so this is the one-sided
+    Clopper-Pearson bound; distribution-free). ValueError when N is too small for any k.
     """
-    clean_scores = np.asarray(clean_scores)
-    if clean_scores.size == 0:
+    clean_scores = np.asarray(clean_scores, dtype=np.float64).reshape(-1)
+    n = clean_scores.size
+    if n == 0:
         raise ValueError("no clean scores to set a threshold on")
-    threshold = float(np.quantile(clean_scores, 1.0 - target_fpr, method="higher"))
+    if confidence is None:
+        threshold = float(np.quantile(clean_scores, 1.0 - target_fpr, method="higher"))
+    else:
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1) or None, got {confidence!r}")
+        flagged = np.arange(n)  # k scores above the threshold, 0..N-1
+        bounds = stats.beta.ppf(confidence, flagged + 1, n - flagged)
+        allowed = np.flatnonzero(bounds <= target_fpr)
+        if allowed.size == 0:
+            raise ValueError(f"{n} clean scores cannot bound the false-positive rate at "
+                             f"{target_fpr:g} with confidence {confidence:g}: that needs at "
+                             f"least {min_clean_scores(target_fpr, confidence)}")
+        threshold = float(np.sort(clean_scores)[n - 1 - allowed[-1]])
     return threshold, float((clean_scores > threshold).mean())
+
+
+def min_clean_scores(target_fpr: float, confidence: float) -> int:
+    """The fewest clean scores from which :func:`threshold_at_fpr` can bound the false-positive
+    rate at ``target_fpr`` in (0, 1) with ``confidence`` in (0, 1): the N for which flagging
+    none of them (an FPR bound of 1 - (1 - confidence)^(1/N)) just gets there."""
+    return int(np.ceil(np.log1p(-confidence) / np.log1p(-target_fpr)))
 
 
 def held_out(clean: np.ndarray, groups: np.ndarray | None, fraction: float,
@@ -84,6 +113,10 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
         unvalidated (images, say).
     target_fpr : float in (0, 1)
         Share of held-out clean samples allowed above the threshold.
+    fpr_confidence : float in (0, 1) or None
+        None: the threshold flags ``target_fpr`` of the held-out clean samples. c: it flags
+        fewer, so that new clean samples are flagged at most at ``target_fpr`` with probability
+        >= c (see :func:`threshold_at_fpr`; needs enough held-out clean samples).
     threshold_fraction : float in (0, 1)
         Share of the clean samples (or of their groups) held out from fitting to set the
         threshold; unused when the scorer is not fitted here.
@@ -107,10 +140,12 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, estimator: Any, *, target_fpr: float = 0.05,
-                 threshold_fraction: float = 0.25, response_method: str = "auto",
-                 prefit: bool = False, random_state: int | None = None) -> None:
+                 fpr_confidence: float | None = None, threshold_fraction: float = 0.25,
+                 response_method: str = "auto", prefit: bool = False,
+                 random_state: int | None = None) -> None:
         self.estimator = estimator
         self.target_fpr = target_fpr
+        self.fpr_confidence = fpr_confidence
         self.threshold_fraction = threshold_fraction
         self.response_method = response_method
         self.prefit = prefit
@@ -120,6 +155,10 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_class = False
         return tags
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # detectors saved before fpr_confidence existed set their threshold without it
+        super().__setstate__({"fpr_confidence": None, **state})
 
     # --- hooks a subclass with a fixed scorer overrides (see detector.estimator.PathDetector)
 
@@ -168,6 +207,9 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
         (a threshold read off more clean samples lands closer to ``target_fpr`` on new ones)."""
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr!r}")
+        if self.fpr_confidence is not None and not 0.0 < self.fpr_confidence < 1.0:
+            raise ValueError(
+                f"fpr_confidence must be in (0, 1) or None, got {self.fpr_confidence!r}")
         if not 0.0 < self.threshold_fraction < 1.0:
             raise ValueError(
                 f"threshold_fraction must be in (0, 1), got {self.threshold_fraction!r}")
@@ -200,7 +242,8 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
             if self._takes_arrays():
                 threshold_X = validate_data(self, threshold_X, reset=False)
             clean_scores = np.r_[clean_scores, self._scores(threshold_X)]
-        self.threshold_, self.clean_fpr_ = threshold_at_fpr(clean_scores, self.target_fpr)
+        self.threshold_, self.clean_fpr_ = threshold_at_fpr(clean_scores, self.target_fpr,
+                                                           self.fpr_confidence)
         return self
 
     def _split(self, positive: np.ndarray, groups: np.ndarray | None,

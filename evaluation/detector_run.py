@@ -49,6 +49,20 @@ class DetectorRun:
     def target_fpr(self) -> float:
         return float(self.config["target_fpr"])
 
+    @property
+    def fpr_confidence(self) -> float | None:
+        """The run's ``--fpr-confidence`` (None: the threshold flags ``target_fpr`` of the
+        held-out clean images; older runs did not record it)."""
+        value = self.config.get("fpr_confidence")
+        return None if value is None else float(value)
+
+    @property
+    def threshold_rule(self) -> dict[str, float | None]:
+        """The run's threshold rule as keyword arguments of
+        :class:`~detector.threshold.FPRThresholdClassifier` (and so of every detector built on
+        it), so that each baseline sets its threshold the way the run's detector did."""
+        return {"target_fpr": self.target_fpr, "fpr_confidence": self.fpr_confidence}
+
 
 def load_run(directory: Path) -> DetectorRun:
     """Read ``metrics.json``, the checkpoint it names and ``adversarial.npz`` of a run;

@@ -49,8 +49,10 @@ def markdown_report(metrics: dict[str, Any]) -> str:
         f"Model: decoupled `{cfg['arch']}` from `{cfg['checkpoint']}` (clean accuracy on the "
         f"whole test split {metrics['clean_accuracy']:.4f}). Detector: `{cfg['detector']}` "
         f"on {'path statistics + raw gates' if cfg['raw_features'] else 'path statistics'}, "
-        f"threshold {metrics['threshold']:.4f} set at {cfg['target_fpr']:.0%} FPR on held-out "
-        "clean fitting images"
+        f"threshold {metrics['threshold']:.4f} set at {cfg['target_fpr']:.0%} FPR"
+        + ("" if (c := cfg.get("fpr_confidence")) is None else
+           f" with confidence {c:g} (a one-sided Clopper-Pearson bound)")
+        + " on held-out clean fitting images"
         + (f" and {n} further clean images of the fitting half, never fitted on"
            if (n := metrics.get("n_threshold_images", 0)) else "")
         + f" (realised there: {metrics['threshold_clean_fpr']:.3f}).",

@@ -135,6 +135,14 @@ def share(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1, error naming the bad value."""
+    value = finite(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return value
+
+
 def _at_least(kind: type[int] | type[float], low: float, strict: bool
               ) -> Callable[[str], int | float]:
     """argparse type: a finite number above ``low`` (or at least ``low`` unless ``strict``),

@@ -33,6 +33,7 @@ from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import FEATURE_GROUPS, PathProfile
 from detector.paths import network_macs
 from detector.stability import TRANSFORMS, check_transforms, default_transforms
+from detector.threshold import min_clean_scores
 from evaluation.adaptive.evaluate import adaptive_positives, evaluate_adaptive
 from evaluation.attacks import AttackSpec
 from evaluation.cost import detector_costs
@@ -66,6 +67,7 @@ from training.cli import (
     load_data,
     nonnegative,
     positive,
+    probability,
     run_command,
 )
 from training.data import ImageData, to_float
@@ -166,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate on held-out clean images that sets the threshold "
                         "(default: %(default)s)")
+    d.add_argument("--fpr-confidence", type=probability, default=None, metavar="C",
+                   help="set the threshold so that new clean images are flagged at most at "
+                        "--target-fpr with probability >= C (a one-sided Clopper-Pearson "
+                        "bound on the held-out clean scores: it flags fewer of them; needs "
+                        "enough of them, see --threshold-images). Default: flag --target-fpr "
+                        "of the held-out clean images")
     d.add_argument("--class-heads", choices=CLASS_HEADS, default="auto",
                    help="class evidence features from per-layer class heads q(y | z^l): "
                         "'checkpoint' (the decoupling's MI heads), 'fit' (logistic regressions "
@@ -232,6 +240,14 @@ def main(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if not 0.0 < args.target_fpr < 0.5:
         raise ValueError(f"--target-fpr must be in (0, 0.5), got {args.target_fpr}")
+    if args.fpr_confidence is not None:  # fail before crafting, not after
+        needed = min_clean_scores(args.target_fpr, args.fpr_confidence)
+        most = int(args.max_fit * PathDetector().threshold_fraction) + args.threshold_images
+        if most < needed:
+            raise ValueError(f"--fpr-confidence {args.fpr_confidence:g} at --target-fpr "
+                             f"{args.target_fpr:g} needs at least {needed} held-out clean "
+                             f"images; a quarter of --max-fit plus --threshold-images gives "
+                             f"at most {most}: raise --threshold-images")
     variants = [_parse_variant(v) for v in args.compare]
     chosen = None if args.stability is None else check_transforms(args.stability)
     data = load_data(args)
@@ -334,6 +350,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if positive_specs:  # fit once, attack that detector adaptively, fit on its examples too
         served = profile.with_features(include_raw=args.raw_features)
         first = fit_on_sets(PathDetector(model=args.detector, target_fpr=args.target_fpr,
+                                         fpr_confidence=args.fpr_confidence,
                                          random_state=args.seed), served, fit_sets)
         save_bundle(out / FIRST_FIT, name=bundle_name, model=model, spec=spec, profile=served,
                     detector=first, network_macs=macs, metrics={"clean_accuracy": clean_acc})
@@ -364,7 +381,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         groups = tuple(g for g in profile.groups if g not in without)
         if not groups and not raw:
             raise ValueError(f"variant {_variant_name(name, raw, without)!r} leaves no features")
-        detector = PathDetector(model=name, target_fpr=args.target_fpr, random_state=args.seed)
+        detector = PathDetector(model=name, target_fpr=args.target_fpr,
+                                fpr_confidence=args.fpr_confidence, random_state=args.seed)
         res = evaluate_variant(detector, profile.with_features(groups), raw, fitting,
                                eval_sets, shift_paths, y_all.numpy(), fitted, seed=args.seed,
                                clean_correct=shift_correct)
@@ -405,7 +423,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         "config": {
             "dataset": args.dataset, "checkpoint": str(checkpoint), "arch": spec.arch,
             "detector": args.detector, "raw_features": args.raw_features,
-            "target_fpr": args.target_fpr, "fit_attacks": [s.label for s in fit_specs],
+            "target_fpr": args.target_fpr, "fpr_confidence": args.fpr_confidence,
+            "fit_attacks": [s.label for s in fit_specs],
             "eval_attacks": [s.label for s in eval_specs], "seed": args.seed,
             "adaptive_positives": [s.label for s in positive_specs],
             "attacks_per_image": args.attacks_per_image, "square_queries": args.square_queries,

@@ -145,7 +145,7 @@ def fit_and_evaluate(run: DetectorRun, x_train: torch.Tensor, y_train: torch.Ten
 
     # A callable scorer is only thresholded: on the clean images given, not the adversarial.
     x_adv = torch.cat([s.x for s in fit.adversarial.values()])
-    threshold = FPRThresholdClassifier(score_images, target_fpr=run.target_fpr).fit(
+    threshold = FPRThresholdClassifier(score_images, **run.threshold_rule).fit(
         torch.cat([fit.x_clean[held], x_adv]),
         np.r_[np.zeros(len(held)), np.ones(len(x_adv))])
     out = evaluate_scorer(score_images, threshold.threshold_, run.evaluation, run.fitted,

@@ -64,10 +64,11 @@ def fit_side(run: DetectorRun, with_noisy: bool, noise_std: float | None = None)
     return FitSide(torch.cat(xs), np.concatenate(ys), np.concatenate(gs), np.concatenate(ns))
 
 
-def fit_logistic(X: np.ndarray, side: FitSide, target_fpr: float, seed: int
-                 ) -> FPRThresholdClassifier:
+def fit_logistic(X: np.ndarray, side: FitSide, seed: int, *, target_fpr: float,
+                 fpr_confidence: float | None = None) -> FPRThresholdClassifier:
     """Scaler + logistic regression on features X: (N, F) of ``side``, thresholded at
-    ``target_fpr`` on clean images held out from fitting (grouped by image, as
+    ``target_fpr`` (with ``fpr_confidence``, see :func:`detector.threshold.threshold_at_fpr`)
+    on clean images held out from fitting (grouped by image, as
     :class:`~detector.estimator.PathDetector` does: a held-out image's noisy and adversarial
     versions are not fitted either; noisy negatives never set the threshold).
 
@@ -75,5 +76,5 @@ def fit_logistic(X: np.ndarray, side: FitSide, target_fpr: float, seed: int
     [0, 1]; ``threshold_`` and ``clean_fpr_`` are the threshold and the FPR realised there.
     """
     clf = FPRThresholdClassifier(make_inner("logistic", seed), target_fpr=target_fpr,
-                                 random_state=seed)
+                                 fpr_confidence=fpr_confidence, random_state=seed)
     return clf.fit(X, side.y, groups=side.groups, threshold_mask=~side.noisy)

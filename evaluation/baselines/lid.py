@@ -136,7 +136,7 @@ def fit_and_evaluate(run: DetectorRun, layers: list[str], k: int, batch: int,
 
     side = fit_side(run, with_noisy=True)
     X = features(side.x, side.groups)
-    clf = fit_logistic(X, side, run.target_fpr, run.seed)
+    clf = fit_logistic(X, side, run.seed, **run.threshold_rule)
     out = evaluate_scorer(lambda x: clf.positive_score(features(x, None)), clf.threshold_,
                           run.evaluation, run.fitted, run.seed)
     out["details"] = {"layers": names, "k": k, "batch": batch,

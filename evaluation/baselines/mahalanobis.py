@@ -221,7 +221,7 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
     eps = max(cv, key=lambda e: cv[e]) if cv else epsilons[0]  # first of equals: smallest
     maha = detectors[eps]
     X = sub_scores[eps] if sub.all() and eps in sub_scores else maha.score(side.x)
-    clf = fit_logistic(X, side, run.target_fpr, run.seed)
+    clf = fit_logistic(X, side, run.seed, **run.threshold_rule)
     out = evaluate_scorer(lambda x: clf.positive_score(maha.score(x)), clf.threshold_,
                           run.evaluation, run.fitted, run.seed)
     out["details"] = {"layers": names, "eps": eps, "cv_auroc": {str(k): v for k, v in cv.items()},

@@ -47,7 +47,7 @@ def fit_and_evaluate(run: DetectorRun, x_prof: torch.Tensor, y_prof: torch.Tenso
         evaluation.adversarial = {k: replace(v) for k, v in evaluation.adversarial.items()}
         for sets in (fit, evaluation):
             attach_stability(run.model, sets, stability)
-    detector = PathDetector(model=config["detector"], target_fpr=run.target_fpr,
+    detector = PathDetector(model=config["detector"], **run.threshold_rule,
                             random_state=run.seed)
     res = evaluate_variant(detector, profile, bool(config["raw_features"]), fit,
                            evaluation, {}, evaluation.y_clean.numpy(), run.fitted,

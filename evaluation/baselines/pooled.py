@@ -39,7 +39,7 @@ def fit_and_evaluate(run: DetectorRun, force_open: bool) -> dict[str, Any]:
                         for x in (fit.x_clean, *(s.x for s in advs))])
     y = np.r_[np.zeros(len(fit.y_clean)), *(np.ones(len(s.y)) for s in advs)]
     groups = np.r_[np.arange(len(fit.y_clean)), *(s.image for s in advs)]
-    detector = PathDetector(model=run.config["detector"], target_fpr=run.target_fpr,
+    detector = PathDetector(model=run.config["detector"], **run.threshold_rule,
                             random_state=run.seed).fit(X, y, groups=groups)
     out = evaluate_scorer(
         lambda x: detector.positive_score(pooled_features(run.model, x, force_open)),

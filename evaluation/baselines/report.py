@@ -42,7 +42,10 @@ def comparison_markdown(run: DetectorRun, results: dict[str, dict[str, Any]],
         f"{n_fit_adv} adversarial ones ({', '.join(cfg['fit_attacks'])}; one attack per image). "
         f"Evaluation side: {len(ev.y_clean)} clean images, none shared with the fitting side, "
         "and the successful attacks on them (*n_adv*); † = attack not fitted. Thresholds at "
-        f"{run.target_fpr:.0%} FPR on held-out clean fitting images. Baselines read the "
+        f"{run.target_fpr:.0%} FPR on held-out clean fitting images"
+        + ("" if run.fpr_confidence is None else
+           f" (bounded with confidence {run.fpr_confidence:g})")
+        + ". Baselines read the "
         f"network with {'every gate forced open' if force_open else 'its gates as trained'}.",
         "",
         "Methods: " + "; ".join(f"**{m}** = {_title(m, force_open)}" for m in results) + ".",

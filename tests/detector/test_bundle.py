@@ -185,6 +185,16 @@ def test_manifest_feature_settings_must_fit_the_detector(copy, transforms, messa
         load_bundle(copy)
 
 
+def test_fpr_confidence_is_optional_and_checked(copy):
+    """Bundles written before the confidence-bounded threshold have no such key: they read as
+    the plain quantile rule; a value outside (0, 1) is refused at load time."""
+    edit_manifest(copy, lambda m: m["detector"].pop("fpr_confidence", None))
+    assert load_bundle(copy).manifest.detector.fpr_confidence is None
+    edit_manifest(copy, lambda m: m["detector"].update(fpr_confidence=1.5))
+    with pytest.raises(BundleError, match=r"fpr_confidence must be in \(0, 1\) or null, got 1.5"):
+        load_bundle(copy)
+
+
 def test_newer_format_version_is_refused(copy):
     edit_manifest(copy, lambda m: m.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(BundleError, match=f"format version {FORMAT_VERSION + 1}, newer"):

@@ -91,8 +91,8 @@ def test_path_detector_is_the_fpr_threshold_classifier_over_its_calibrated_model
     det = PathDetector(random_state=0).fit(X, y)
     assert isinstance(det, FPRThresholdClassifier)
     np.testing.assert_allclose(det.positive_score(X), det.predict_proba(X)[:, 1])
-    assert sorted(det.get_params()) == ["calibration", "model", "random_state",
-                                        "target_fpr", "threshold_fraction"]
+    assert sorted(det.get_params()) == ["calibration", "fpr_confidence", "model",
+                                        "random_state", "target_fpr", "threshold_fraction"]
 
 
 def test_fit_is_reproducible_with_random_state():
@@ -178,3 +178,19 @@ def test_threshold_mask_keeps_the_threshold_on_eligible_clean_samples():
     assert det.predict(fresh_clean).mean() == pytest.approx(0.1, abs=0.05)
     with pytest.raises(ValueError, match="threshold_mask"):
         PathDetector().fit(X, y, threshold_mask=eligible[:10])
+
+
+def test_detector_saved_before_fpr_confidence_loads_with_the_plain_rule(tmp_path):
+    """A bundle's detector written before the parameter existed has no such attribute: it
+    loads as the plain quantile rule, and get_params (so repr and clone) works on it."""
+    import skops.io as sio
+
+    from detector.bundle import load_detector
+
+    X, y = blobs(100, 60, shift=2.0)
+    det = PathDetector(random_state=0).fit(X, y)
+    del det.fpr_confidence  # as pickled by the version before
+    sio.dump(det, tmp_path / "detector.skops")
+    loaded = load_detector(tmp_path / "detector.skops")
+    assert loaded.get_params()["fpr_confidence"] is None
+    np.testing.assert_array_equal(loaded.predict(X), det.predict(X))

@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from detector.threshold import FPRThresholdClassifier, threshold_at_fpr
+from detector.threshold import FPRThresholdClassifier, min_clean_scores, threshold_at_fpr
 from tests.blobs import blobs
 
 EXPECTED_FAILED = {
@@ -43,6 +43,37 @@ def test_threshold_at_fpr_by_hand(scores, fpr, threshold, realised):
 def test_threshold_at_fpr_needs_clean_scores():
     with pytest.raises(ValueError, match="no clean scores"):
         threshold_at_fpr(np.empty(0), 0.05)
+
+
+def test_confidence_bounds_the_fpr_on_new_samples():
+    """Uniform clean scores: a threshold t flags 1 - t of new clean samples. Over many draws of
+    400 held-out scores the bounded threshold keeps that at most at the target in at least
+    the confidence's share of the draws (and not in nearly all of them: the bound is not
+    needlessly loose); the plain quantile only in about half."""
+    rng = np.random.default_rng(0)
+    draws = rng.random((2000, 400))
+    plain = np.array([1 - threshold_at_fpr(s, 0.05)[0] for s in draws])
+    bounded = np.array([1 - threshold_at_fpr(s, 0.05, confidence=0.9)[0] for s in draws])
+    assert 0.90 <= (bounded <= 0.05).mean() <= 0.95
+    assert 0.35 <= (plain <= 0.05).mean() <= 0.65
+    assert bounded.mean() < plain.mean()
+
+
+def test_confidence_by_hand():
+    # 100 scores: the largest k with beta.ppf(0.9, k + 1, 100 - k) <= 0.1 is 5 (k = 6 gives
+    # 0.103), so the threshold is the 6th highest score and flags 5
+    scores = np.arange(100) / 100
+    assert threshold_at_fpr(scores, 0.1, confidence=0.9) == (pytest.approx(0.94), 0.05)
+
+
+def test_confidence_needs_enough_scores():
+    needed = min_clean_scores(0.05, 0.95)
+    assert needed == 59  # 0.95 ** 59 < 0.05 < 0.95 ** 58
+    threshold, fpr = threshold_at_fpr(np.arange(needed) / needed, 0.05, confidence=0.95)
+    assert fpr == 0.0 and threshold == pytest.approx((needed - 1) / needed)
+    with pytest.raises(ValueError, match=r"58 clean scores cannot bound the false-positive rate "
+                                         r"at 0\.05 with confidence 0\.95: that needs at least 59"):
+        threshold_at_fpr(np.arange(58) / 58, 0.05, confidence=0.95)
 
 
 def test_split_without_groups_holds_out_clean_only():
@@ -150,6 +181,7 @@ def test_callable_scorer_gets_x_unvalidated():
 @pytest.mark.parametrize(("params", "match"), [
     ({"target_fpr": 0.0}, r"target_fpr must be in \(0, 1\), got 0\.0"),
     ({"threshold_fraction": 1.5}, r"threshold_fraction must be in \(0, 1\), got 1\.5"),
+    ({"fpr_confidence": 1.0}, r"fpr_confidence must be in \(0, 1\) or None, got 1\.0"),
     ({"response_method": "predict"}, "response_method must be one of .*'predict'"),
 ])
 def test_bad_parameters_raise_naming_the_value(params, match):

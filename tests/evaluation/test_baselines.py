@@ -174,7 +174,7 @@ def test_fit_logistic_thresholds_on_held_out_clean_images_only() -> None:
     noisy = np.r_[np.zeros(n, bool), np.ones(m, bool), np.zeros(m, bool)]
     X = rng.normal(size=(len(y), 3)) + 2.0 * y[:, None]
     side = FitSide(torch.zeros(len(y), 1, 2, 2), y, groups, noisy)
-    clf = fit_logistic(X, side, target_fpr=0.1, seed=0)
+    clf = fit_logistic(X, side, 0, target_fpr=0.1)
     fit_idx, hold = clf._split(y == 1, groups, ~noisy)
     assert len(hold) == 10 and not noisy[hold].any() and (y[hold] == 0).all()
     assert not np.isin(groups[fit_idx], groups[hold]).any()  # held-out images: no version fits

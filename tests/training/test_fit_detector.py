@@ -210,7 +210,7 @@ def test_threshold_images_set_the_threshold_with_the_held_out_ones(
         run, tiny_decoupled_checkpoint, tmp_path):
     (tmp_path / "adversarial.npz").write_bytes((run / "adversarial.npz").read_bytes())
     fit_detector.cli(tiny_args(tiny_decoupled_checkpoint, tmp_path, "--reuse-attacks",
-                               "--threshold-images", "100"))
+                               "--threshold-images", "100", "--fpr-confidence", "0.9"))
     first = json.loads((run / "metrics.json").read_text())
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert first["n_threshold_images"] == 0 and first["config"]["threshold_images"] == 0
@@ -224,6 +224,9 @@ def test_threshold_images_set_the_threshold_with_the_held_out_ones(
     assert load_bundle(tmp_path / "bundle").detector.threshold_ == metrics["threshold"]
     report = (tmp_path / "report.md").read_text()
     assert f"and {metrics['n_threshold_images']} further clean images" in report
+    # the bound is recorded where a user reads the operating point
+    assert metrics["config"]["fpr_confidence"] == 0.9 and "with confidence 0.9" in report
+    assert load_bundle(tmp_path / "bundle").manifest.detector.fpr_confidence == 0.9
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -233,6 +236,9 @@ def test_threshold_images_set_the_threshold_with_the_held_out_ones(
     (["--target-fpr", "0.7"], "--target-fpr must be in (0, 0.5), got 0.7"),
     (["--threshold-images", "-1"], "must be >= 0, got '-1'"),
     (["--threshold-images", "100000"], "--threshold-images 100000: the fitting half has"),
+    (["--fpr-confidence", "1"], "must be in (0, 1), got '1'"),
+    (["--fpr-confidence", "0.9"], "--fpr-confidence 0.9 at --target-fpr 0.05 needs at least 45 "
+                                  "held-out clean images"),
     (["--compare", "svm"], "bad --compare variant 'svm'"),
     (["--compare", "logistic+foo"], "bad --compare variant 'logistic+foo'"),
 ])
