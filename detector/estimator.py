@@ -54,9 +54,9 @@ class PathDetector(FPRThresholdClassifier):
     target_fpr : float in (0, 1)
         Share of held-out clean samples allowed above the threshold.
     fpr_confidence : float in (0, 1) or None
-        None: the threshold flags ``target_fpr`` of the held-out clean samples; c: new clean
-        samples are flagged at most at ``target_fpr`` with probability >= c
-        (:func:`~detector.threshold.threshold_at_fpr`).
+        None: the threshold flags ``target_fpr`` of the held-out clean samples; c: the rate
+        at which new clean samples are flagged is <= ``target_fpr`` with probability >= c
+        over the draw of the held-out ones (:func:`~detector.threshold.threshold_at_fpr`).
     threshold_fraction : float in (0, 1)
         Share of the clean samples (or of the groups, if given) held out from fitting and used
         only to set the threshold.

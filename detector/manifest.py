@@ -36,8 +36,9 @@ class OperatingPoint:
     model: the inner classifier (``"random_forest"``, ...); threshold in [0, 1]: a calibrated
     score above it is flagged; target_fpr in (0, 1): the clean false-positive rate the threshold
     was set for; fpr_confidence: None if the threshold flags target_fpr of the held-out clean
-    samples, else the probability in (0, 1) with which new clean inputs are flagged at most at
-    target_fpr (:func:`detector.threshold.threshold_at_fpr`); clean_fpr: the rate realised on
+    samples, else the probability in (0, 1), over the draw of those samples, that the rate at
+    which new clean inputs are flagged is <= target_fpr
+    (:func:`detector.threshold.threshold_at_fpr`); clean_fpr: the rate realised on
     the held-out clean samples that set it (None in bundles that did not record it);
     include_raw_features: raw gate bits and logits appended to the path statistics; n_features:
     the detector's input width F; stability_transforms: names of

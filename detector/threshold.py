@@ -36,13 +36,18 @@ def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float,
 
     confidence None: the threshold is the ``1 - target_fpr`` quantile (rounded up), so the
     realised FPR is <= target_fpr and new clean samples are flagged at about that rate, give or
-    take the sampling noise of N scores. confidence c in (0, 1): the threshold is the k-th
-    highest score, k the largest count for which the false-positive rate on new samples from
-    the same distribution is <= target_fpr with probability >= c (for continuous scores that
-    rate at the k-th highest of N is Beta(k + 1, N - k) distributed, so this is the one-sided
-    Clopper-Pearson bound; distribution-free). ValueError when N is too small for any k.
+    take the sampling noise of N scores. confidence c in (0, 1): the threshold is the (k+1)-th
+    highest score, so that at most k of the N are flagged, k the largest count for which
+    ``scipy.stats.beta.ppf(c, k + 1, N - k) <= target_fpr`` (the one-sided Clopper-Pearson
+    bound). For continuous scores the rate at which that threshold flags new samples from the
+    distribution of ``clean_scores`` is Beta(k + 1, N - k) distributed over the draw of the N,
+    so with probability >= c over that draw it is <= target_fpr, whatever the distribution
+    (ties only make it more conservative). It bounds the long-run rate, not the share flagged
+    in any finite batch. ValueError when N is too small for any k.
     """
-    clean_scores = np.asarray(clean_scores, dtype=np.float64).reshape(-1)
+    clean_scores = np.asarray(clean_scores, dtype=np.float64)
+    if clean_scores.ndim != 1:
+        raise ValueError(f"clean_scores must be 1-D, got shape {clean_scores.shape}")
     n = clean_scores.size
     if n == 0:
         raise ValueError("no clean scores to set a threshold on")
@@ -51,9 +56,8 @@ def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float,
     else:
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1) or None, got {confidence!r}")
-        flagged = np.arange(n)  # k scores above the threshold, 0..N-1
-        bounds = stats.beta.ppf(confidence, flagged + 1, n - flagged)
-        allowed = np.flatnonzero(bounds <= target_fpr)
+        k = np.arange(n)  # candidate counts of flagged scores, 0..N-1
+        allowed = np.flatnonzero(stats.beta.ppf(confidence, k + 1, n - k) <= target_fpr)
         if allowed.size == 0:
             raise ValueError(f"{n} clean scores cannot bound the false-positive rate at "
                              f"{target_fpr:g} with confidence {confidence:g}: that needs at "
@@ -115,8 +119,9 @@ class FPRThresholdClassifier(ClassifierMixin, BaseEstimator):
         Share of held-out clean samples allowed above the threshold.
     fpr_confidence : float in (0, 1) or None
         None: the threshold flags ``target_fpr`` of the held-out clean samples. c: it flags
-        fewer, so that new clean samples are flagged at most at ``target_fpr`` with probability
-        >= c (see :func:`threshold_at_fpr`; needs enough held-out clean samples).
+        fewer, so that the rate at which it flags new clean samples (from the distribution of
+        the held-out ones) is <= ``target_fpr`` with probability >= c over the draw of the
+        held-out samples (see :func:`threshold_at_fpr`; needs enough of them).
     threshold_fraction : float in (0, 1)
         Share of the clean samples (or of their groups) held out from fitting to set the
         threshold; unused when the scorer is not fitted here.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import asdict, replace
 from datetime import timedelta
@@ -240,14 +241,6 @@ def main(args: argparse.Namespace) -> None:
 def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if not 0.0 < args.target_fpr < 0.5:
         raise ValueError(f"--target-fpr must be in (0, 0.5), got {args.target_fpr}")
-    if args.fpr_confidence is not None:  # fail before crafting, not after
-        needed = min_clean_scores(args.target_fpr, args.fpr_confidence)
-        most = int(args.max_fit * PathDetector().threshold_fraction) + args.threshold_images
-        if most < needed:
-            raise ValueError(f"--fpr-confidence {args.fpr_confidence:g} at --target-fpr "
-                             f"{args.target_fpr:g} needs at least {needed} held-out clean "
-                             f"images; a quarter of --max-fit plus --threshold-images gives "
-                             f"at most {most}: raise --threshold-images")
     variants = [_parse_variant(v) for v in args.compare]
     chosen = None if args.stability is None else check_transforms(args.stability)
     data = load_data(args)
@@ -296,6 +289,8 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
 
     x_fit, y_fit = correct_images(fit_ids)
     x_eval, y_eval = correct_images(eval_ids)
+    if args.fpr_confidence is not None:  # fail before crafting, not after
+        _check_threshold_images(args, len(y_fit), int(correct[threshold_ids].sum()))
     clean_acc = float(correct.float().mean())  # as training.train and training.decouple report it
     reused = args.reuse_attacks
     if reused and not (out / ADVERSARIAL).is_file():
@@ -460,6 +455,22 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
         np.savez_compressed(out / ADVERSARIAL, **sets_to_arrays(fit_sets, "fit"),
                             **sets_to_arrays(eval_sets, "eval"))
     print(_summary(metrics, out))  # noqa: T201
+
+
+def _check_threshold_images(args: argparse.Namespace, n_fit: int, n_further: int) -> None:
+    """ValueError unless the clean images that will set the threshold (the detector's held-out
+    share of the ``n_fit`` correctly classified fitting images, and the ``n_further``
+    correctly classified --threshold-images) are enough to bound the FPR at
+    --fpr-confidence."""
+    needed = min_clean_scores(args.target_fpr, args.fpr_confidence)
+    fraction = PathDetector().threshold_fraction
+    held = math.ceil(n_fit * fraction) + n_further
+    if held < needed:
+        raise ValueError(f"--fpr-confidence {args.fpr_confidence:g} at --target-fpr "
+                         f"{args.target_fpr:g} needs at least {needed} held-out clean images; "
+                         f"{fraction:.0%} of the {n_fit} correctly classified fitting images "
+                         f"and the {n_further} correctly classified --threshold-images give "
+                         f"{held}: raise --threshold-images")
 
 
 def _reuse(path: Path, model: torch.nn.Module, fit_specs: list[AttackSpec],

@@ -16,6 +16,17 @@ TITLES = {
 }
 
 
+def _confidence_note(run: DetectorRun) -> str:
+    """How the report's thresholds use the run's --fpr-confidence (empty if it had none)."""
+    if run.fpr_confidence is None:
+        return ""
+    if run.threshold_rule["fpr_confidence"] is not None:
+        return f" (bounded with confidence {run.fpr_confidence:g})"
+    return (f"; the run's detector bounded its threshold with confidence "
+            f"{run.fpr_confidence:g} on further clean images the baselines do not have, so "
+            "they take the plain quantile")
+
+
 def _cell(m: dict[str, Any], key: str) -> str:
     return f"{m[key]:.3f}" if m.get("n_adv", 0) else "-"
 
@@ -43,8 +54,7 @@ def comparison_markdown(run: DetectorRun, results: dict[str, dict[str, Any]],
         f"Evaluation side: {len(ev.y_clean)} clean images, none shared with the fitting side, "
         "and the successful attacks on them (*n_adv*); † = attack not fitted. Thresholds at "
         f"{run.target_fpr:.0%} FPR on held-out clean fitting images"
-        + ("" if run.fpr_confidence is None else
-           f" (bounded with confidence {run.fpr_confidence:g})")
+        + _confidence_note(run)
         + ". Baselines read the "
         f"network with {'every gate forced open' if force_open else 'its gates as trained'}.",
         "",

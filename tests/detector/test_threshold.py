@@ -43,6 +43,8 @@ def test_threshold_at_fpr_by_hand(scores, fpr, threshold, realised):
 def test_threshold_at_fpr_needs_clean_scores():
     with pytest.raises(ValueError, match="no clean scores"):
         threshold_at_fpr(np.empty(0), 0.05)
+    with pytest.raises(ValueError, match=r"clean_scores must be 1-D, got shape \(2, 2\)"):
+        threshold_at_fpr(np.zeros((2, 2)), 0.05)
 
 
 def test_confidence_bounds_the_fpr_on_new_samples():

@@ -4,6 +4,7 @@ fitting side and its thresholded logistic regression; noisy negatives; source im
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from detector.threshold import threshold_at_fpr
 from evaluation.baselines.fit_side import FitSide, fit_logistic
 from evaluation.baselines.lid import LIDFeatures, lid_mle
+from evaluation.detector_run import DetectorRun
 from evaluation.sets import source_images
 from evaluation.shifts import noisy_like
 
@@ -189,3 +191,16 @@ def test_source_images_are_the_nearest_clean_image_of_the_same_class() -> None:
     np.testing.assert_array_equal(source_images(adv, labels[[4, 0, 3]], clean, labels),
                                   [4, 0, 3])
     assert source_images(clean[:0], labels[:0], clean, labels).shape == (0,)
+
+
+@pytest.mark.parametrize(("config", "further", "expected"), [
+    ({"target_fpr": 0.05}, 0, None),  # runs before the option
+    ({"target_fpr": 0.05, "fpr_confidence": 0.9}, 0, 0.9),  # same held-out images: same rule
+    ({"target_fpr": 0.05, "fpr_confidence": 0.9}, 2400, None),  # images the baselines lack
+])
+def test_baselines_take_the_runs_confidence_bound_only_on_the_same_images(config, further,
+                                                                          expected):
+    run = DetectorRun(directory=Path("."), config=config,
+                      metrics={"config": config, "n_threshold_images": further}, model=None,
+                      spec=None, fit=None, evaluation=None, fitted=set())
+    assert run.threshold_rule == {"target_fpr": 0.05, "fpr_confidence": expected}
