@@ -17,11 +17,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from detector.execution import median_times_ms
 from detector.paths import to_inference_layout
 from detector.recording import recording
 from training.bundle_options import add_bundle_options, bundle_and_data
@@ -29,13 +28,11 @@ from training.cli import positive
 from training.data import to_float
 
 
-def forward_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Seconds of one gated forward pass of ``model`` (eval mode) on x: (B, C, H, W) as laid
-    out, gates recorded as :func:`detector.paths.compute_path` records them."""
+def gated_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """One gated forward pass of ``model`` (eval mode) on x: (B, C, H, W) as laid out, gates
+    recorded as :func:`detector.paths.compute_path` records them."""
     with torch.inference_mode(), recording(pooled=False):
-        start = time.perf_counter()
         model(x)
-        return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,14 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     for batch in (1, 32):
         images = to_float(data.x_test[:batch]).contiguous()
         layouts = {"nchw": images, "nhwc": to_inference_layout(images)}
-        times: dict[str, list[float]] = {name: [] for name in layouts}
-        for _ in range(5):  # warm-up
-            for x in layouts.values():
-                forward_seconds(model, x)
-        for _ in range(args.rounds):
-            for name, x in layouts.items():
-                times[name].append(forward_seconds(model, x))
-        nchw, nhwc = (statistics.median(times[name]) * 1e6 for name in layouts)
+        medians = median_times_ms(
+            {name: (lambda _, x=x: gated_forward(model, x)) for name, x in layouts.items()},
+            [images], repeats=args.rounds, warmup=5)
+        nchw, nhwc = (medians[name] * 1e3 for name in layouts)
         print(f"{batch} | {nchw:.0f} | {nhwc:.0f} | {nhwc / nchw:.3f}")  # noqa: T201
 
 
