@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sur_ids = np.zeros(0, dtype=np.int64)
     if args.surrogate in ("shipped", "auto"):
         surrogate = ShippedScore.of(bundle)
-        if surrogate is None and args.surrogate == "auto":
-            args.surrogate = "mlp"
-        elif surrogate is None:
+        if args.surrogate == "auto":  # the config records what was used
+            args.surrogate = "mlp" if surrogate is None else "shipped"
+        if surrogate is None and args.surrogate == "shipped":
             raise ValueError(f"--surrogate shipped: the bundle's {bundle.detector.model} detector "
                              "has no exact torch version (only logistic and mlp have); fit a "
                              "stand-in with --surrogate mlp")

@@ -45,6 +45,16 @@ TITLES = {"pgd": "PGD (non-adaptive)", "adaptive": "adaptive PGD (BPDA + surroga
           "square": "Square (black-box)", "square-aware": "Square, detector-aware (black-box)"}
 
 
+def attack_title(name: str, content: dict[str, Any]) -> str:
+    """The display name of attack ``name`` in the benchmark's JSON ``content``: the adaptive
+    PGD's names the detector term it descended on, the shipped score itself (``--surrogate``
+    ``shipped``, or ``auto`` where the bundle had one; older files recorded that as ``auto``)
+    or a distilled surrogate."""
+    if name == "adaptive" and content.get("config", {}).get("surrogate") in ("shipped", "auto"):
+        return "adaptive PGD (BPDA + shipped score)"
+    return TITLES[name]
+
+
 def select_images(bundle: Bundle, x_test: torch.Tensor, y_test: torch.Tensor, n: int, *,
                   side: str, split_seed: int, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -191,7 +201,7 @@ def plot_curves(content: dict[str, Any], path: Path, title: str) -> None:
         rates = [row["attacks"][name]["evaded_up_to_eps"] for row in rows
                  if name in row["attacks"]]
         if len(rates) == len(rows):
-            ax.plot(eps, rates, "o-", lw=1.2, ms=3, label=TITLES[name])
+            ax.plot(eps, rates, "o-", lw=1.2, ms=3, label=attack_title(name, content))
     ax.set_xscale("log", base=2)
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_ylim(-0.02, 1.02)
@@ -213,7 +223,7 @@ def markdown_table(content: dict[str, Any]) -> str:
     ``threshold``)."""
     names = [a for a in ATTACKS if a in content["results"][0]["attacks"]] if content[
         "results"] else []
-    head = ("| eps | " + " | ".join(TITLES[a] for a in names)
+    head = ("| eps | " + " | ".join(attack_title(a, content) for a in names)
             + " | any attack, black-box subset (adaptive alone) |")
     lines = [head, "|---" * (len(names) + 2) + "|"]
     for row in content["results"]:

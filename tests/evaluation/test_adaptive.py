@@ -19,6 +19,7 @@ from detector.features import PathBatch
 from detector.paths import compute_path
 from detector.stability import transformed
 from detector.straight_through import straight_through_gates
+from evaluation.adaptive.benchmark import attack_title, markdown_table
 from evaluation.adaptive.judge import judge, quantize_towards
 from evaluation.adaptive.objectives import class_margin, score_gap
 from evaluation.adaptive.pgd import DetectorAwarePGD, PGDConfig
@@ -356,6 +357,21 @@ def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
     assert attacks["adaptive"]["loop_vs_analyze_disagreements"] == 0
     assert sum(attacks["adaptive"]["by_lambda"].values()) == round(
         attacks["adaptive"]["evaded"] * 40)
+
+
+@pytest.mark.parametrize(("surrogate", "named"), [("mlp", "surrogate"),
+                                                  ("shipped", "shipped score"),
+                                                  ("auto", "shipped score")])
+def test_the_adaptive_attack_is_named_by_the_detector_term_it_descended(surrogate, named) -> None:
+    """Plot legends and tables say whether the attack used the shipped score or a stand-in
+    ("auto" in files written before the benchmark recorded its resolution: the shipped one)."""
+    attack = {"evaded": 0.5, "misclassified": 0.6, "evaded_8bit": 0.1}
+    content = {"config": {"surrogate": surrogate}, "n": 10, "n_blackbox": 5,
+               "clean_flagged": 0.05, "threshold": 0.5,
+               "results": [{"eps": 0.1, "attacks": {"pgd": attack, "adaptive": attack}}]}
+    assert named in attack_title("adaptive", content)
+    assert attack_title("pgd", content) == "PGD (non-adaptive)"
+    assert f"adaptive PGD (BPDA + {named})" in markdown_table(content)
 
 
 @pytest.mark.parametrize(("extra", "named"), [(["--eps", "0"], "--eps"),
