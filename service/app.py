@@ -174,10 +174,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = state
         state.ready = True
         log.info("ready: model %s version %s from %s (input %s, %d classes, threshold %.3f at "
-                 "target FPR %.3f; inference in %d %s(s) of %d torch thread(s), micro-batching %s; "
-                 "perturb demo %s)",
+                 "target FPR %.3f%s; inference in %d %s(s) of %d torch thread(s), "
+                 "micro-batching %s; perturb demo %s)",
                  card.name, card.version, settings.bundle, "x".join(map(str, card.input_shape)),
                  len(card.labels), card.threshold, card.target_fpr,
+                 "" if card.fpr_confidence is None
+                 else f" with {card.fpr_confidence:.0%} confidence",
                  settings.inference_workers, settings.inference, settings.inference_threads,
                  f"up to {settings.max_batch_size}" if settings.micro_batch else "off",
                  f"on, {settings.perturb_per_minute}/min" if settings.perturb else "off")

@@ -96,6 +96,8 @@ async def infer(service: AuthorizedModelDep, request: Request) -> InferResponse:
         "batch_size": result.batch_size}
     if card.clean_fpr is not None:
         params["clean_fpr"] = card.clean_fpr
+    if card.fpr_confidence is not None:
+        params["fpr_confidence"] = card.fpr_confidence
     return InferResponse(model_name=card.name, model_version=card.version,
                          id=parsed.request.id, parameters=params,
                          outputs=oip.outputs(result.analysis, parsed.outputs))

@@ -27,7 +27,8 @@ from service.schemas import (
 class ModelCard:
     """What responses say about the served bundle, read once from its manifest.
 
-    input_shape: (C, H, W); threshold, target_fpr, clean_fpr: the detector's operating point.
+    input_shape: (C, H, W); threshold, target_fpr, clean_fpr, fpr_confidence: the detector's
+    operating point (:class:`detector.manifest.OperatingPoint`).
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelCard:
     threshold: float
     target_fpr: float
     clean_fpr: float | None
+    fpr_confidence: float | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ModelCard:
@@ -49,6 +51,7 @@ class ModelCard:
             threshold=float(bundle.detector.threshold_),
             target_fpr=manifest.detector.target_fpr,
             clean_fpr=manifest.detector.clean_fpr,
+            fpr_confidence=manifest.detector.fpr_confidence,
         )
 
     @property
@@ -97,7 +100,8 @@ def image_result(card: ModelCard, analysis: Analysis, row: int, decoded: Decoded
         adversarial=Adversarial(score=score, flagged=flagged,
                                 verdict="adversarial" if flagged else "clean",
                                 threshold=card.threshold, target_fpr=card.target_fpr,
-                                clean_fpr=card.clean_fpr),
+                                clean_fpr=card.clean_fpr,
+                                fpr_confidence=card.fpr_confidence),
         path=PathReport(open_fraction=float(analysis.open_fraction[row]),
                         flops_fraction=float(analysis.flops_fraction[row]),
                         max_anomaly=float(anomaly.max()), execution=analysis.execution,

@@ -228,9 +228,11 @@ function summary(result, imageUrl, alt, title) {
   box.append(gauge);
   const fpr = a.clean_fpr == null ? "" : `; ${pct(a.clean_fpr)} of held-out clean images ` +
                                          `score above it`;
+  const bound = a.fpr_confidence == null ? "" : ` (at most, with ${pct(a.fpr_confidence)} ` +
+                                                `confidence)`;
   box.append(el("p", { class: "hint",
-                       text: `The threshold was set for ${pct(a.target_fpr)} false alarms on ` +
-                             `clean images${fpr}.` }));
+                       text: `The threshold was set for ${pct(a.target_fpr)}${bound} false ` +
+                             `alarms on clean images${fpr}.` }));
 
   const layers = (result.path.layers || []).slice(0, 3);
   if (layers.length) {

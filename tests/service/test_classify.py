@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -12,6 +13,8 @@ from PIL import Image
 
 from detector.bundle import load_bundle
 from service.app import create_app
+from service.results import ModelCard
+from service.schemas import Adversarial
 
 
 def test_classify_matches_the_bundle(client, digit_png, digits_test, bundle_dir):
@@ -31,6 +34,7 @@ def test_classify_matches_the_bundle(client, digit_png, digits_test, bundle_dir)
     assert adv["verdict"] == ("adversarial" if adv["flagged"] else "clean")
     assert adv["threshold"] == pytest.approx(expected.threshold)
     assert adv["target_fpr"] == 0.05 and 0 <= adv["clean_fpr"] <= 1
+    assert adv["fpr_confidence"] is None  # the fixture's threshold is the plain quantile
     path = body["path"]
     layers = path["layers"]
     assert {la["name"] for la in layers} == set(expected.layer_names)
@@ -45,6 +49,21 @@ def test_classify_matches_the_bundle(client, digit_png, digits_test, bundle_dir)
                              "model_input": [1, 8, 8], "note": None}
     assert body["model"]["name"] == "digits" and len(body["model"]["version"]) == 12
     assert body["timing"]["batch_size"] >= 1 and body["timing"]["total_ms"] > 0
+
+
+def test_a_bounded_threshold_states_its_confidence(bundle_dir):
+    """A bundle whose threshold bounds the clean FPR with a confidence (fit_detector
+    --fpr-confidence) says so in every verdict; the schema keeps it a probability."""
+    bundle = load_bundle(bundle_dir)
+    point = dataclasses.replace(bundle.manifest.detector, fpr_confidence=0.95)
+    bundle.manifest = dataclasses.replace(bundle.manifest, detector=point)
+    card = ModelCard.from_bundle(bundle)
+    assert card.fpr_confidence == 0.95
+    verdict = dict(score=0.2, flagged=False, verdict="clean", threshold=card.threshold,
+                   target_fpr=card.target_fpr, clean_fpr=card.clean_fpr)
+    assert Adversarial(**verdict, fpr_confidence=card.fpr_confidence).fpr_confidence == 0.95
+    with pytest.raises(ValueError, match="fpr_confidence"):
+        Adversarial(**verdict, fpr_confidence=1.0)
 
 
 def test_query_options(client, digit_png):
