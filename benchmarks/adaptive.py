@@ -11,9 +11,10 @@ detector was not fitted on (the evaluation half of the test split as
   ``relu(CW margin + kappa) + lambda * clamp(surrogate, -det_margin)``: straight-through
   (BPDA) gradients through the hard gates, the shipped path statistics against the class the
   input is pushed into, and a differentiable surrogate of the detector's verdict
-  (:class:`evaluation.adaptive.surrogate.Surrogate`; default an MLP distilled from the real
-  detector's flags; ``--surrogate shipped``: the detector's own score, for logistic and MLP
-  detectors, whose torch export is exact). Every lambda in ``--lambdas`` is tried in order on
+  (``--surrogate auto``, the default: the detector's own score where its torch export is
+  exact, logistic and MLP detectors, else :class:`evaluation.adaptive.surrogate.Surrogate`, an
+  MLP distilled from the real detector's flags; the JSON's ``config.surrogate`` records which).
+  Every lambda in ``--lambdas`` is tried in order on
   the inputs not yet broken; every iterate is judged by the real pipeline and the first one
   that is misclassified and not flagged is kept. lambda 0 is PGD on the margin alone with the
   real detector as a stopping oracle (what selection alone buys).

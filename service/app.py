@@ -179,7 +179,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                  card.name, card.version, settings.bundle, "x".join(map(str, card.input_shape)),
                  len(card.labels), card.threshold, card.target_fpr,
                  "" if card.fpr_confidence is None
-                 else f" with {card.fpr_confidence:.0%} confidence",
+                 else f" with confidence {card.fpr_confidence:g}",
                  settings.inference_workers, settings.inference, settings.inference_threads,
                  f"up to {settings.max_batch_size}" if settings.micro_batch else "off",
                  f"on, {settings.perturb_per_minute}/min" if settings.perturb else "off")

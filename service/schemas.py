@@ -53,11 +53,12 @@ class Adversarial(BaseModel):
     clean_fpr: float | None = Field(description="false-positive rate the threshold gave on "
                                     "held-out clean data")
     fpr_confidence: float | None = Field(
-        default=None, gt=0.0, lt=1.0,
-        description="probability, over the draw of the held-out clean images, that the "
-                    "threshold's false-positive rate on new clean images from their "
-                    "distribution is at most target_fpr (a one-sided Clopper-Pearson bound); "
-                    "null: the threshold is the plain (1 - target_fpr) quantile of those images")
+        gt=0.0, lt=1.0,
+        description="a lower bound on the probability, over the draw of the held-out clean "
+                    "images, that the threshold's false-positive rate on new clean images from "
+                    "their distribution is at most target_fpr (a one-sided Clopper-Pearson "
+                    "bound); null: the threshold is the plain (1 - target_fpr) quantile of "
+                    "those images")
 
 
 class FilterReport(BaseModel):

@@ -8,7 +8,8 @@ was not fitted on:
   for step torchattacks') with the same eps, steps and step size as the adaptive attack; the
   detector is ignored and its last iterate is judged.
 - ``adaptive``: detector-aware PGD (:class:`evaluation.adaptive.pgd.DetectorAwarePGD`), BPDA
-  through the gates and a fitted surrogate of the detector, every iterate judged.
+  through the gates and the shipped detector score or a fitted surrogate of it, every iterate
+  judged.
 - ``square`` (black-box, plain): torchattacks Square (``square`` of :mod:`evaluation.attacks`),
   margin loss; ``square-aware``: detector-aware Square
   (:class:`evaluation.adaptive.square.DetectorAwareSquare`).
@@ -46,11 +47,16 @@ TITLES = {"pgd": "PGD (non-adaptive)", "adaptive": "adaptive PGD (BPDA + surroga
 
 
 def attack_title(name: str, content: dict[str, Any]) -> str:
-    """The display name of attack ``name`` in the benchmark's JSON ``content``: the adaptive
-    PGD's names the detector term it descended on, the shipped score itself (``--surrogate``
-    ``shipped``, or ``auto`` where the bundle had one; older files recorded that as ``auto``)
-    or a distilled surrogate."""
-    if name == "adaptive" and content.get("config", {}).get("surrogate") in ("shipped", "auto"):
+    """The display name of attack ``name`` in the benchmark's JSON ``content`` (its optional
+    ``config``): the adaptive PGD's title names the detector term it descended on, none (every
+    lambda 0), the shipped score itself (``--surrogate shipped``; older files recorded that as
+    ``auto``) or a distilled surrogate."""
+    config = content.get("config", {})
+    if name != "adaptive":
+        return TITLES[name]
+    if not any(lam > 0 for lam in config.get("lambdas", [1.0])):
+        return "adaptive PGD (BPDA, detector as stopping rule)"
+    if config.get("surrogate") in ("shipped", "auto"):
         return "adaptive PGD (BPDA + shipped score)"
     return TITLES[name]
 
@@ -220,7 +226,7 @@ def plot_curves(content: dict[str, Any], path: Path, title: str) -> None:
 def markdown_table(content: dict[str, Any]) -> str:
     """Share of the evaluated images misclassified and not flagged, per eps and attack, from
     the benchmark's JSON content (``results``, ``n``, ``n_blackbox``, ``clean_flagged``,
-    ``threshold``)."""
+    ``threshold``; ``config`` names the adaptive attack: :func:`attack_title`)."""
     names = [a for a in ATTACKS if a in content["results"][0]["attacks"]] if content[
         "results"] else []
     head = ("| eps | " + " | ".join(attack_title(a, content) for a in names)

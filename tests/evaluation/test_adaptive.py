@@ -372,6 +372,8 @@ def test_the_adaptive_attack_is_named_by_the_detector_term_it_descended(surrogat
     assert named in attack_title("adaptive", content)
     assert attack_title("pgd", content) == "PGD (non-adaptive)"
     assert f"adaptive PGD (BPDA + {named})" in markdown_table(content)
+    content["config"]["lambdas"] = [0.0]  # no detector term: the detector only stops it
+    assert "stopping rule" in attack_title("adaptive", content)
 
 
 @pytest.mark.parametrize(("extra", "named"), [(["--eps", "0"], "--eps"),

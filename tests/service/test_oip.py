@@ -59,6 +59,7 @@ def test_infer_is_exact(client, pixels, bundle_dir):
     bundle = load_bundle(bundle_dir)
     assert body["parameters"]["threshold"] == pytest.approx(bundle.detector.threshold_)
     assert body["parameters"]["target_fpr"] == bundle.manifest.detector.target_fpr
+    assert "fpr_confidence" not in body["parameters"]  # a plain-quantile threshold
     out = {o["name"]: o for o in body["outputs"]}
     assert list(out) == list(OUTPUT_NAMES)
     expected = bundle.analyze(torch.from_numpy(pixels))
