@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.bundle import sha256
 from detector.checkpoint import (
+    WEIGHTS_FILE,
     ModelSpec,
     load_checkpoint,
     load_class_heads,
@@ -185,7 +187,10 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     init = _load_init(args.init, spec) if args.init else None
     config = {
         "command": "decouple", "base": str(base_dir),
-        "init": None if args.init is None else str(args.init), "dataset": args.dataset,
+        "base_sha256": sha256(base_dir / WEIGHTS_FILE),  # which weights the base run held
+        "init": None if args.init is None else str(args.init),
+        "init_sha256": None if args.init is None else sha256(args.init / WEIGHTS_FILE),
+        "dataset": args.dataset,
         "data_name": data.name, "arch": base_spec.arch,
         "epochs": args.epochs or preset.decouple_epochs,
         "batch_size": args.batch_size or preset.batch_size,

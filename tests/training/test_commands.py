@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.checkpoint import load_checkpoint, load_class_heads
+from detector.bundle import sha256
+from detector.checkpoint import WEIGHTS_FILE, load_checkpoint, load_class_heads
 from detector.gating import gated_layers
 from training import decouple as decouple_cmd
 from training import train as train_cmd
@@ -62,6 +63,7 @@ def test_decouple_writes_run_directory(decoupled_run, base_run):
     assert (decoupled_run / "filter_states.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((decoupled_run / "config.json").read_text())
     assert config["command"] == "decouple" and config["base"] == str(base_run)
+    assert config["base_sha256"] == sha256(base_run / WEIGHTS_FILE) and config["init"] is None
     assert config["epochs"] == 1
     # the digits preset: the paper's recipe, no distillation, gates not isolated
     assert config["loss_weights"]["distill"] == 0 and config["isolate_gates"] is False
@@ -193,6 +195,7 @@ def test_train_continues_from_init_with_its_width(tmp_path):
     config = json.loads((second / "config.json").read_text())
     metrics = json.loads((second / "metrics.json").read_text())
     assert config["init"] == str(first) and config["arch_kwargs"] == {"width": 8}
+    assert config["init_sha256"] == sha256(first / WEIGHTS_FILE)  # which weights it started from
     # the run starts where the first ended: its loss starts below the first run's start
     assert metrics["init_test_accuracy"] == pytest.approx(first_metrics["test_accuracy"])
     assert metrics["loss_curve"][0] < first_metrics["loss_curve"][0]
