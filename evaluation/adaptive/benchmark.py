@@ -17,7 +17,9 @@ was not fitted on:
 The rate reported is the share of the evaluated images that end misclassified and not flagged
 (``evaded_up_to_eps``: by the attack at this or any smaller eps of the sweep); ``8-bit`` repeats
 that after rounding the perturbation towards zero to the 1/255 grid. If a black-box attack beats
-the white-box adaptive one, gradients are probably masked: a warning is returned.
+the white-box adaptive one, gradients are probably masked: a warning is returned. Where both
+white-box attacks ran, ``white_box_union`` is the share that the adaptive or the plain PGD gets
+through (an attacker runs both; the plain one sometimes finds images the adaptive one misses).
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def sweep(bundle: Bundle, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray,
     adaptive one with ``restarts`` runs per lambda (:class:`DetectorAwarePGD`).
 
     Returns one row per config (eps, per-attack verdicts of :func:`judge` with the ids evaded,
-    the cumulative rate, seconds; the adaptive attack's successes by lambda) and the
+    the cumulative rate, seconds; the adaptive attack's successes by lambda; the share either
+    white-box attack gets through, ``white_box_union``, where both ran) and the
     gradient-masking warnings.
     """
     rows: list[dict[str, Any]] = []
@@ -151,6 +154,8 @@ def sweep(bundle: Bundle, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray,
             row["attacks"][name] = verdict
             log.info("eps %g %s: misclassified %.3f, evaded %.3f (%.0fs)", cfg.eps, name,
                      verdict["misclassified"], verdict["evaded"], verdict["seconds"])
+        if "pgd" in successes and "adaptive" in successes:
+            row["white_box_union"] = float((successes["pgd"] | successes["adaptive"]).mean())
         if successes and n_blackbox:
             common = np.zeros(n_blackbox, dtype=bool)
             for s in successes.values():
@@ -229,9 +234,11 @@ def markdown_table(content: dict[str, Any]) -> str:
     ``threshold``; ``config`` names the adaptive attack: :func:`attack_title`)."""
     names = [a for a in ATTACKS if a in content["results"][0]["attacks"]] if content[
         "results"] else []
+    union = any("white_box_union" in row for row in content["results"])
     head = ("| eps | " + " | ".join(attack_title(a, content) for a in names)
+            + (" | adaptive or plain PGD" if union else "")
             + " | any attack, black-box subset (adaptive alone) |")
-    lines = [head, "|---" * (len(names) + 2) + "|"]
+    lines = [head, "|---" * (len(names) + 2 + union) + "|"]
     for row in content["results"]:
         cells = []
         for a in names:
@@ -240,6 +247,8 @@ def markdown_table(content: dict[str, Any]) -> str:
                          f"{r['evaded_8bit']:.3f})")
         anyone = row.get("any_on_blackbox_subset", float("nan"))
         alone = row.get("adaptive_on_blackbox_subset", float("nan"))
+        if union:
+            cells.append(f"{row.get('white_box_union', float('nan')):.3f}")
         lines.append(f"| {row['eps']:g} | " + " | ".join(cells)
                      + f" | {anyone:.3f} ({alone:.3f}) |")
     lines.append("")

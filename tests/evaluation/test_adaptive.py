@@ -353,6 +353,8 @@ def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
     for r in attacks.values():
         assert 0.0 <= r["evaded"] <= r["misclassified"] <= 1.0 and r["linf"] <= 0.2 + 1e-6
     assert attacks["adaptive"]["evaded"] >= attacks["pgd"]["evaded"]
+    either = set(attacks["adaptive"]["evaded_ids"]) | set(attacks["pgd"]["evaded_ids"])
+    assert row["white_box_union"] == pytest.approx(len(either) / 40)
     assert attacks["adaptive"]["evaded"] > 0
     assert attacks["adaptive"]["loop_vs_analyze_disagreements"] == 0
     assert sum(attacks["adaptive"]["by_lambda"].values()) == round(
@@ -372,6 +374,12 @@ def test_the_adaptive_attack_is_named_by_the_detector_term_it_descended(surrogat
     assert named in attack_title("adaptive", content)
     assert attack_title("pgd", content) == "PGD (non-adaptive)"
     assert f"adaptive PGD (BPDA + {named})" in markdown_table(content)
+    assert "adaptive or plain PGD" not in markdown_table(content)
+    content["results"][0]["white_box_union"] = 0.55
+    table = markdown_table(content)
+    assert "adaptive or plain PGD" in table and "| 0.550 |" in table
+    head, rule = table.splitlines()[:2]
+    assert head.count("|") == rule.count("|")
     content["config"]["lambdas"] = [0.0]  # no detector term: the detector only stops it
     assert "stopping rule" in attack_title("adaptive", content)
 
