@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from detector.checkpoint import ModelSpec
+from detector.checkpoint import WEIGHTS_FILE, ModelSpec
 
 #: 1: path statistics; 2: the profile may carry class heads (class evidence features) and the
 #: operating point stability transforms (one more forward pass each). Readers load every version
 #: up to theirs.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
+WEIGHTS = WEIGHTS_FILE  # a bundle names its network weights as a checkpoint does
 PROFILE = "profile.safetensors"
 DETECTOR = "detector.skops"
 
