@@ -156,6 +156,8 @@ def sweep(bundle: Bundle, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray,
                      verdict["misclassified"], verdict["evaded"], verdict["seconds"])
         if "pgd" in successes and "adaptive" in successes:
             row["white_box_union"] = float((successes["pgd"] | successes["adaptive"]).mean())
+            row["white_box_union_up_to_eps"] = float(
+                (cumulative["pgd"] | cumulative["adaptive"]).mean())
         if successes and n_blackbox:
             common = np.zeros(n_blackbox, dtype=bool)
             for s in successes.values():
@@ -202,8 +204,9 @@ def masking_warnings(eps: float, successes: dict[str, np.ndarray], n_bb: int) ->
 def plot_curves(content: dict[str, Any], path: Path, title: str) -> None:
     """The attacker's success against eps (x-axis, in /255), one line per attack (the
     cumulative rate ``evaded_up_to_eps``: an attacker with budget eps also has the smaller
-    ones), from the benchmark's JSON content; the clean images' flag rate in the legend's
-    title. Writes a PNG to ``path``."""
+    ones), and dashed the share either white-box attack gets through where both ran, from the
+    benchmark's JSON content; the clean images' flag rate in the legend's title. Writes a PNG
+    to ``path``."""
     fig = Figure(figsize=(5.5, 4.0))  # no pyplot: no global figure state
     ax = fig.subplots()
     rows = content["results"]
@@ -213,13 +216,16 @@ def plot_curves(content: dict[str, Any], path: Path, title: str) -> None:
                  if name in row["attacks"]]
         if len(rates) == len(rows):
             ax.plot(eps, rates, "o-", lw=1.2, ms=3, label=attack_title(name, content))
+    union = [row["white_box_union_up_to_eps"] for row in rows if "white_box_union_up_to_eps" in row]
+    if union and len(union) == len(rows):
+        ax.plot(eps, union, "k--", lw=1.0, label="adaptive or plain PGD")
     ax.set_xscale("log", base=2)
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_ylim(-0.02, 1.02)
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
     ax.set_xlabel("L-inf budget eps (x 1/255)")
     ax.set_ylabel("misclassified and not flagged\n(at some budget <= eps)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8, wrap=True)
     ax.legend(fontsize=7, loc="upper left",
               title=f"n = {content['n']}; clean flagged {content['clean_flagged']:.3f}",
               title_fontsize=7)

@@ -355,6 +355,7 @@ def test_adaptive_beats_plain_pgd_end_to_end(bundle_dir, tmp_path) -> None:
     assert attacks["adaptive"]["evaded"] >= attacks["pgd"]["evaded"]
     either = set(attacks["adaptive"]["evaded_ids"]) | set(attacks["pgd"]["evaded_ids"])
     assert row["white_box_union"] == pytest.approx(len(either) / 40)
+    assert row["white_box_union_up_to_eps"] == row["white_box_union"]  # one budget
     assert attacks["adaptive"]["evaded"] > 0
     assert attacks["adaptive"]["loop_vs_analyze_disagreements"] == 0
     assert sum(attacks["adaptive"]["by_lambda"].values()) == round(
