@@ -15,7 +15,6 @@ shapes, and raises :class:`BundleError` naming the problem. Nothing is ever unpi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import zipfile
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from detector.analysis import Analysis, PathScores, analyze, score_paths
-from detector.checkpoint import ModelSpec, load_weights
+from detector.checkpoint import ModelSpec, load_weights, sha256
 from detector.differentiable import TorchDetector, TorchForest, torch_detector
 from detector.estimator import PathDetector
 from detector.features import PathBatch, PathProfile
@@ -86,15 +85,6 @@ TRUSTED_TYPES = frozenset({
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and the problem."""
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -8,6 +8,7 @@ architecture is rebuilt by name from this package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -126,3 +127,18 @@ def load_class_heads(directory: Path) -> dict[str, torch.Tensor] | None:
     (base networks, and decoupled runs from before the heads were kept)."""
     path = directory / CLASS_HEADS_FILE
     return dict(load_file(str(path))) if path.is_file() else None
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(directory: Path) -> str:
+    """Hex SHA-256 of the weights file of the checkpoint in ``directory``: which weights a run
+    directory held when a later run started from it (directories can be overwritten)."""
+    return sha256(directory / WEIGHTS_FILE)

@@ -38,7 +38,7 @@ class ModelCard:
     threshold: float
     target_fpr: float
     clean_fpr: float | None
-    fpr_confidence: float | None = None
+    fpr_confidence: float | None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ModelCard:

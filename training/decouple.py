@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.bundle import sha256
 from detector.checkpoint import (
-    WEIGHTS_FILE,
     ModelSpec,
     load_checkpoint,
     load_class_heads,
     save_checkpoint,
     save_class_heads,
+    weights_sha256,
 )
 from detector.filter_states import filter_states
 from detector.gating import decouple, gated_layers
@@ -187,9 +186,9 @@ def _decouple(args: argparse.Namespace, rank: Rank | None) -> None:
     init = _load_init(args.init, spec) if args.init else None
     config = {
         "command": "decouple", "base": str(base_dir),
-        "base_sha256": sha256(base_dir / WEIGHTS_FILE),  # which weights the base run held
+        "base_sha256": weights_sha256(base_dir),
         "init": None if args.init is None else str(args.init),
-        "init_sha256": None if args.init is None else sha256(args.init / WEIGHTS_FILE),
+        "init_sha256": None if args.init is None else weights_sha256(args.init),
         "dataset": args.dataset,
         "data_name": data.name, "arch": base_spec.arch,
         "epochs": args.epochs or preset.decouple_epochs,

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.airbench import WHITEN_EPS, init_whitening
-from detector.bundle import sha256
-from detector.checkpoint import WEIGHTS_FILE, ModelSpec, load_checkpoint, save_checkpoint
+from detector.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, weights_sha256
 from detector.paths import network_macs
 from training.adversarial import AdversarialTraining
 from training.cli import (
@@ -149,8 +148,7 @@ def _train(args: argparse.Namespace, rank: Rank | None) -> None:
         "threads": torch.get_num_threads(), "precision": args.precision,
         "device": args.device, "arch_kwargs": arch_kwargs,
         "init": None if args.init is None else str(args.init),
-        # the run directory may be overwritten later; the digest says which weights it held
-        "init_sha256": None if args.init is None else sha256(args.init / WEIGHTS_FILE),
+        "init_sha256": None if args.init is None else weights_sha256(args.init),
         "processes": 1 if rank is None else rank.world,
         "whiten_eps": whiten_eps,
         "adversarial_eps": args.adversarial_eps,
