@@ -47,7 +47,7 @@ from detector.checkpoint import ModelSpec, load_checkpoint
 from detector.execution import CLOCKS, median_times_ms
 from detector.gating import gated_layers, strip_gates
 from detector.path_agreement import sparse_agreement
-from detector.paths import compute_path, network_macs
+from detector.paths import compute_path, network_macs, to_inference_layout
 from detector.pruning import open_ever, pruned_twin
 from detector.sparse import DENSE_ABOVE, SparseStats, sparse_execution
 from training.data import ImageData, load_dataset, to_float
@@ -70,7 +70,8 @@ def time_modes(model: nn.Module, dense: nn.Module, images: torch.Tensor, batch: 
     n = images.shape[0] // batch
     if n == 0:
         raise ValueError(f"need at least {batch} test images, got {images.shape[0]}")
-    batches = [images[i * batch:(i + 1) * batch] for i in range(n)]
+    # laid out as every inference pass runs (compute_path does it itself; the bare modes need it)
+    batches = [to_inference_layout(images[i * batch:(i + 1) * batch]) for i in range(n)]
 
     def sparse(x: torch.Tensor) -> torch.Tensor:
         with sparse_execution(dense_above):
@@ -97,7 +98,7 @@ def sparse_work(model: nn.Module, images: torch.Tensor, batch: int,
     with torch.inference_mode():
         for i in range(0, images.shape[0], batch):
             with sparse_execution(dense_above) as stats:
-                model(images[i:i + batch])
+                model(to_inference_layout(images[i:i + batch]))
             work.add(stats)
     return work
 
@@ -116,7 +117,7 @@ def check(model: nn.Module, dense: nn.Module, images: torch.Tensor,
     with torch.inference_mode():
         gated = compute_path(model, images, pooled=False)
         opened = compute_path(model, images, force_open=True, pooled=False)
-        dense_logits = dense(images)
+        dense_logits = dense(to_inference_layout(images))
     out["dense_vs_open_diff"] = float((dense_logits - opened.logits).abs().max())
     out["dense_agrees"] = float((dense_logits.argmax(1) == gated.logits.argmax(1)).float().mean())
     out["flops_fraction"] = float(gated.flops_fraction(macs).mean())

@@ -21,6 +21,11 @@ so attacks can differentiate through them:
   such as TIFGSM, Square's patches) lose part of their hold (docs/RESULTS.md 2.8).
 - ``mirror_shift``: the mirror image moved one pixel right and down: a second view of the
   mirrored network, off the pixel grid of the first.
+- ``greyscale``: every channel replaced by the image's luminance (ITU-R BT.601 weights), for
+  colour images only. A classifier trained on colour photographs still gives most clean images
+  their class in grey, while a perturbation whose three channels differ (Square's random-colour
+  patches, the per-channel smoothed gradient signs of TIFGSM) is averaged into one, so that
+  much of it cancels (docs/RESULTS.md 2.8).
 
 :class:`detector.features.PathProfile` turns the companion paths into features (``stability``
 group).
@@ -70,16 +75,29 @@ def _mirror_shift(x: torch.Tensor) -> torch.Tensor:
     return _shift(_mirror(x))
 
 
+#: ITU-R BT.601 luma weights of the red, green and blue channels (they sum to 1).
+LUMA = (0.299, 0.587, 0.114)
+
+
+def _greyscale(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] != len(LUMA):
+        raise ValueError(f"the greyscale transform needs colour images (3 channels), got "
+                         f"{x.shape[1]}")
+    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True).clamp(0, 1).expand_as(x)
+
+
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "shift": _shift, "blur": _blur, "bits5": _bits5, "mirror": _mirror,
-    "mirror_shift": _mirror_shift}
+    "mirror_shift": _mirror_shift, "greyscale": _greyscale}
 
 
-def default_transforms(mirror: bool) -> tuple[str, ...]:
-    """The stability transforms used unless told: shift, blur and bits5, and mirror and
+def default_transforms(mirror: bool, colour: bool) -> tuple[str, ...]:
+    """The stability transforms used unless told: shift, blur and bits5; mirror and
     mirror_shift too if ``mirror`` (the images' classes survive a left-right flip and the
-    classifier was trained with flips)."""
-    return ("shift", "blur", "bits5", *(("mirror", "mirror_shift") if mirror else ()))
+    classifier was trained with flips); greyscale too if ``colour`` (3-channel images)."""
+    return ("shift", "blur", "bits5", *(("mirror", "mirror_shift") if mirror else ()),
+            *(("greyscale",) if colour else ()))
 
 
 def check_transforms(names: Sequence[str]) -> tuple[str, ...]:

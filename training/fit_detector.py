@@ -33,7 +33,7 @@ from detector.checkpoint import load_checkpoint
 from detector.estimator import INNER_MODELS, PathDetector
 from detector.features import FEATURE_GROUPS, PathProfile
 from detector.paths import network_macs
-from detector.stability import TRANSFORMS, check_transforms, default_transforms
+from detector.stability import LUMA, TRANSFORMS, check_transforms, default_transforms
 from detector.threshold import min_clean_scores
 from evaluation.adaptive.evaluate import adaptive_positives, evaluate_adaptive
 from evaluation.attacks import AttackSpec
@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="path stability features: compare each input's path with those of "
                         f"slightly changed copies ({', '.join(TRANSFORMS)}; one more forward "
                         "pass each when serving); the flag alone turns them off (default: "
-                        f"{' '.join(default_transforms(False))}, and mirror where the data "
-                        "set's classifier trains with flips by default: colour images)")
+                        f"{' '.join(default_transforms(False, False))}; on colour images "
+                        "also greyscale, and mirror and mirror_shift where the data set's "
+                        "classifier trains with flips by default)")
     d.add_argument("--compare", nargs="*", default=list(VARIANTS),
                    help="detector variants to compare in the report: inner model with optional "
                         "'+raw' and any '-GROUP' to leave a feature group out (groups: "
@@ -245,7 +246,11 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     chosen = None if args.stability is None else check_transforms(args.stability)
     data = load_data(args)
     # mirror where the preset trains with flips: the classes of such images survive a mirror
-    stability = default_transforms(preset_for(data).augment) if chosen is None else chosen
+    stability = (default_transforms(preset_for(data).augment, data.input_shape[0] == len(LUMA))
+                 if chosen is None else chosen)
+    if "greyscale" in stability and data.input_shape[0] != len(LUMA):  # fail before crafting
+        raise ValueError(f"--stability greyscale needs colour images; {data.name} has "
+                         f"{data.input_shape[0]} channel(s)")
     checkpoint = ensure_checkpoint(args, data, rank)
     model, spec = load_checkpoint(checkpoint)
     if not spec.decoupled:

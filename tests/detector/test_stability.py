@@ -54,10 +54,24 @@ def test_mirror_shift_is_the_mirror_moved_one_pixel_right_and_down():
     torch.testing.assert_close(y, transformed("shift", transformed("mirror", x)))
 
 
-def test_default_transforms_mirror_only_where_asked():
-    assert default_transforms(False) == ("shift", "blur", "bits5")
-    assert default_transforms(True) == ("shift", "blur", "bits5", "mirror", "mirror_shift")
-    assert set(default_transforms(True)) <= set(TRANSFORMS)
+def test_greyscale_puts_the_luminance_in_every_channel_and_refuses_grey_images():
+    x = torch.rand(2, 3, 4, 5, requires_grad=True)
+    y = transformed("greyscale", x)
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    for c in range(3):
+        torch.testing.assert_close(y[:, c], luma)
+    y.sum().backward()  # differentiable: each channel's weight, three times
+    torch.testing.assert_close(x.grad[:, 1], torch.full((2, 4, 5), 3 * 0.587))
+    with pytest.raises(ValueError, match="greyscale transform needs colour images"):
+        transformed("greyscale", torch.rand(1, 1, 4, 4))
+
+
+def test_default_transforms_mirror_and_greyscale_only_where_asked():
+    assert default_transforms(False, False) == ("shift", "blur", "bits5")
+    assert default_transforms(True, False) == ("shift", "blur", "bits5", "mirror",
+                                               "mirror_shift")
+    assert default_transforms(False, True) == ("shift", "blur", "bits5", "greyscale")
+    assert set(default_transforms(True, True)) <= set(TRANSFORMS)
 
 
 def test_unknown_or_repeated_transforms_are_named():

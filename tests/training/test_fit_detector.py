@@ -239,6 +239,7 @@ def test_threshold_images_set_the_threshold_with_the_held_out_ones(
     (["--fpr-confidence", "1"], "must be in (0, 1), got '1'"),
     (["--fpr-confidence", "0.9"], "--fpr-confidence 0.9 at --target-fpr 0.05 needs at least 45 "
                                   "held-out clean images"),
+    (["--stability", "greyscale"], "--stability greyscale needs colour images; digits has 1"),
     (["--compare", "svm"], "bad --compare variant 'svm'"),
     (["--compare", "logistic+foo"], "bad --compare variant 'logistic+foo'"),
 ])
