@@ -245,12 +245,14 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     variants = [_parse_variant(v) for v in args.compare]
     chosen = None if args.stability is None else check_transforms(args.stability)
     data = load_data(args)
+    channels = data.input_shape[0]
+    colour = channels == len(LUMA)
     # mirror where the preset trains with flips: the classes of such images survive a mirror
-    stability = (default_transforms(preset_for(data).augment, data.input_shape[0] == len(LUMA))
-                 if chosen is None else chosen)
-    if "greyscale" in stability and data.input_shape[0] != len(LUMA):  # fail before crafting
+    stability = (default_transforms(preset_for(data).augment, colour) if chosen is None
+                 else chosen)
+    if "greyscale" in stability and not colour:  # fail before crafting
         raise ValueError(f"--stability greyscale needs colour images; {data.name} has "
-                         f"{data.input_shape[0]} channel(s)")
+                         f"{channels} channel(s)")
     checkpoint = ensure_checkpoint(args, data, rank)
     model, spec = load_checkpoint(checkpoint)
     if not spec.decoupled:
@@ -258,7 +260,7 @@ def _fit(args: argparse.Namespace, rank: Rank | None) -> None:
     if spec.input_shape != data.input_shape:
         raise ValueError(f"--checkpoint {checkpoint} expects images {spec.input_shape}, dataset "
                          f"{args.dataset!r} has {data.input_shape}")
-    grey = data.input_shape[0] == 1
+    grey = channels == 1
     fit_specs = [AttackSpec.parse(a)
                  for a in args.fit_attacks or (GREY_FIT if grey else COLOUR_FIT)]
     eval_specs = [AttackSpec.parse(a)

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.bundle import sha256
-from detector.checkpoint import WEIGHTS_FILE, load_checkpoint, load_class_heads
+from detector.checkpoint import WEIGHTS_FILE, load_checkpoint, load_class_heads, sha256
 from detector.gating import gated_layers
 from training import decouple as decouple_cmd
 from training import train as train_cmd
