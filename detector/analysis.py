@@ -106,7 +106,7 @@ def score_paths(profile: PathProfile, detector: PathDetector, paths: PathBatch,
     boosting runs in scikit-learn on a detached copy of the features: attacks differentiate the
     features and a fitted stand-in (:mod:`evaluation.adaptive.surrogate`).
     """
-    predictions = paths.logits.detach().argmax(1)
+    predictions = paths.logits.argmax(1)  # an index: no graph
     stats = profile.layer_stats(paths, predictions)
     features = profile.transform(paths, stats)
     exported = exported if exported is not None else torch_detector(detector)

@@ -1,6 +1,6 @@
 """The fitted detector's calibrated score as torch operations, where that is exact: logistic
-regression and the multi-layer perceptron (differentiable), and the random forest (piecewise
-constant).
+regression and the multi-layer perceptron (differentiable), and the tree ensembles (random
+forest, extremely randomized trees: piecewise constant).
 
 :class:`detector.estimator.PathDetector` is fitted with scikit-learn (a scaler, the inner model,
 sigmoid or isotonic calibration). For a linear or MLP inner model with sigmoid calibration the
@@ -8,7 +8,7 @@ whole map features -> calibrated probability is a small differentiable function;
 parameters are copied into :class:`TorchDetector`, which gives the same scores as
 ``predict_proba`` up to rounding (it computes in float64; scikit-learn keeps float32 features
 and weights fitted on them in float32: differences of order 1e-7) and gradients with respect to
-the features. A random forest's trees are copied into :class:`TorchForest`, which walks every
+the features. A tree ensemble's trees are copied into :class:`TorchForest`, which walks every
 tree at once with tensor lookups and gives ``predict_proba``'s scores (the same float32
 comparisons; the tree average may round differently in the last bits). It is piecewise
 constant: its gradient is zero almost everywhere, so attacks need a stand-in for it
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from torch import nn
@@ -83,19 +83,22 @@ class TorchDetector(nn.Module):
 
 class TorchForest(nn.Module):
     """features (N, F) -> (N,) float64 calibrated probability in [0, 1] that the input is
-    adversarial, equal to ``PathDetector.predict_proba(features)[:, 1]`` for a random forest
-    inner model; not differentiable (piecewise constant).
+    adversarial, equal to ``PathDetector.predict_proba(features)[:, 1]`` for a random forest or
+    extremely randomized trees as the inner model; not differentiable (piecewise constant).
 
-    Built by :func:`torch_detector`. The T trees' nodes are stored end to end: per node the
-    feature it splits on, its threshold, the indices of its children (a leaf's point to
-    itself) and the share of adversarial training samples in it (leaves); ``roots`` (T,) are
-    the first node of each tree, ``depth`` the deepest tree's depth.
+    Built by :func:`torch_detector` from a random forest or extremely randomized trees. The T
+    trees' nodes are stored end to end: per node the feature it splits on, its threshold, the
+    indices of its children (a leaf's point to itself) and its share of adversarial training
+    samples times -a / T (leaves; a, b the sigmoid calibration's parameters, so that the
+    calibrated probability is sigmoid(sum over the trees' leaves - b)); ``roots`` (T,) are the
+    first node of each tree, ``depth`` the deepest tree's depth.
     """
 
     differentiable = False
 
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, forest: RandomForestClassifier,
-                 a: float, b: float) -> None:
+    def __init__(self, mean: np.ndarray, scale: np.ndarray,
+                 forest: RandomForestClassifier | ExtraTreesClassifier, a: float, b: float
+                 ) -> None:
         super().__init__()
         trees = [e.tree_ for e in forest.estimators_]
         # every tree's nodes in one numbering: first the split nodes of all trees, then the
@@ -130,18 +133,20 @@ class TorchForest(nn.Module):
             np.where(leaf, 0.0, cat("threshold"))[order])))
         self.register_buffer("left", torch.as_tensor(left[order], **ids))
         self.register_buffer("right", torch.as_tensor(right[order], **ids))
-        self.register_buffer("positive", _t(positive[order]))
+        # each leaf's term of the calibrated logit: -(a * mean of the T shares + b) is the sum
+        # of the T leaves' terms - b
+        self.register_buffer("leaf_logit", _t(-float(a) / len(trees) * positive[order]))
         self.register_buffer("roots", torch.as_tensor(new_id[offsets], **ids))
         self.splits = int((~leaf).sum())
         self.register_buffer("leaves", torch.arange(self.splits, len(leaf), **ids))
         self.depth = max(t.max_depth for t in trees)
-        self.a, self.b = float(a), float(b)
+        self.b = float(b)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # StandardScaler and the trees work on float32 as scikit-learn does (each operation
         # correctly rounded, in numpy as in torch); the float32 thresholds split alike
         x = (features.detach().to(torch.float32) - self.mean) / self.scale
-        n, nodes = len(x), len(self.positive)
+        n, nodes = len(x), len(self.leaf_logit)
         if n * self.splits <= _TABLE_ELEMENTS:  # few inputs: fewest operations
             # decide every split at once, giving each node's successor for each input (a leaf
             # is its own); the walk is then one lookup per level, in one flat table where
@@ -164,8 +169,7 @@ class TorchForest(nn.Module):
                 at = x.gather(1, self.feature.take(node).long())
                 node = torch.where(at <= self.threshold.take(node), self.left.take(node),
                                    self.right.take(node)).long()
-        f = self.positive[node].mean(1)
-        return torch.sigmoid(-(self.a * f + self.b))
+        return torch.sigmoid(self.leaf_logit[node].sum(1) - self.b)
 
 
 def _float32_below(threshold: np.ndarray) -> np.ndarray:
@@ -199,6 +203,6 @@ def torch_detector(detector: PathDetector) -> TorchDetector | TorchForest | None
     if isinstance(model, MLPClassifier) and model.out_activation_ == "logistic":
         return TorchDetector(scaler.mean_, scale, list(model.coefs_), list(model.intercepts_),
                              model.activation, "probability", calibrator.a_, calibrator.b_)
-    if isinstance(model, RandomForestClassifier) and model.n_outputs_ == 1:
+    if isinstance(model, RandomForestClassifier | ExtraTreesClassifier) and model.n_outputs_ == 1:
         return TorchForest(scaler.mean_, scale, model, calibrator.a_, calibrator.b_)
     return None

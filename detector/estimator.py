@@ -1,11 +1,18 @@
 """The adversarial-input detector: a calibrated scikit-learn binary classifier on path features.
 
 :class:`PathDetector` wraps an inner model (logistic regression, a one-hidden-layer perceptron,
-random forest or histogram gradient boosting) behind feature scaling, calibrates its probability
-with :class:`~sklearn.calibration.CalibratedClassifierCV`, and is a
-:class:`~detector.threshold.FPRThresholdClassifier` over that scorer: one decision threshold set
-on clean samples it held out from fitting, at ``target_fpr``. Labels: any two classes; the
-second of the sorted labels (e.g. 1) is "adversarial".
+random forest, extremely randomized trees or histogram gradient boosting) behind feature
+scaling, calibrates its probability with :class:`~sklearn.calibration.CalibratedClassifierCV`,
+and is a :class:`~detector.threshold.FPRThresholdClassifier` over that scorer: one decision
+threshold set on clean samples it held out from fitting, at ``target_fpr``. Labels: any two
+classes; the second of the sorted labels (e.g. 1) is "adversarial".
+
+Extremely randomized trees (Geurts et al., 2006) draw each split's threshold at random
+instead of at the best cut: their score changes in many small steps where a random forest's
+jumps at the cuts that separate the fitted attacks best, so inputs unlike any fitted attack
+(other families, other strengths) land less often on the wrong side of a cut. Shallow trees
+with large leaves (depth <= 12, >= 10 samples) keep the torch walk short (one lookup per
+level; docs/RESULTS.md 2.8).
 """
 
 from __future__ import annotations
@@ -14,7 +21,11 @@ from typing import Any
 
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -23,7 +34,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from detector.threshold import FPRThresholdClassifier
 
-INNER_MODELS = ("logistic", "mlp", "random_forest", "hist_gb")
+INNER_MODELS = ("logistic", "mlp", "random_forest", "extra_trees", "hist_gb")
 
 
 def make_inner(name: str, random_state: int | None) -> Pipeline:
@@ -36,6 +47,9 @@ def make_inner(name: str, random_state: int | None) -> Pipeline:
     elif name == "random_forest":
         clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=3,
                                      random_state=random_state, n_jobs=1)
+    elif name == "extra_trees":
+        clf = ExtraTreesClassifier(n_estimators=100, min_samples_leaf=10, max_depth=12,
+                                   random_state=random_state, n_jobs=1)
     elif name == "hist_gb":
         clf = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1,
                                              random_state=random_state)
@@ -49,7 +63,7 @@ class PathDetector(FPRThresholdClassifier):
 
     Parameters
     ----------
-    model : {"logistic", "mlp", "random_forest", "hist_gb"}
+    model : {"logistic", "mlp", "random_forest", "extra_trees", "hist_gb"}
         Inner classifier.
     target_fpr : float in (0, 1)
         Share of held-out clean samples allowed above the threshold.

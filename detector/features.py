@@ -67,7 +67,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "stability": STABILITY_STATS,
 }
 _EPS = 1e-6
-_CHUNK_ELEMENTS = 1 << 22  # (rows, K, D) float64 intermediates of layer_stats: 32 MB at most
+_CHUNK_ELEMENTS = 1 << 22  # (rows, 3K, D) float64 intermediates of layer_stats: 32 MB at most
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -234,18 +234,21 @@ class PathProfile:
         log_freq, log1m_freq = torch.log(freq), torch.log1p(-freq)
         majority = (freq > 0.5).to(torch.float64)
         self._mean = torch.cat([lp.mean for lp in layers.values()], dim=1)
-        self._inv_var = 1.0 / torch.cat([lp.var for lp in layers.values()], dim=1)
         # (D, L): averages each layer's filters
         sizes = [lp.freq.shape[1] for lp in layers.values()]
         avg = torch.block_diag(*(torch.full((c, 1), 1.0 / c, dtype=torch.float64)
                                  for c in sizes))
         self._layer_mean = avg
-        # per class, the bits' statistics are a weighted sum over each layer's filters plus a
-        # constant, (b * weight) @ layer mean + offset: rows 0..K-1 the bits' NLL
-        # (-sum of log(1 - f) + b * (log(1 - f) - log f), averaged), rows K..2K-1 their distance
-        # to the majority bits (m + b * (1 - 2m), averaged); (2K, D) and (2K, L)
-        self._bit_weight = torch.cat([log1m_freq - log_freq, 1 - 2 * majority])
-        self._bit_offset = torch.cat([-(log1m_freq @ avg), majority @ avg])
+        # per class, each statistic is a weighted average over each layer's filters plus a
+        # constant, (term * weight) @ layer mean + offset, with the terms: rows 0..K-1 the bits
+        # b for their NLL (-sum of log(1 - f) + b * (log(1 - f) - log f), averaged), rows
+        # K..2K-1 the bits for their distance to the majority bits (m + b * (1 - 2m),
+        # averaged), rows 2K..3K-1 the gate logits' squared deviations from the class's means,
+        # weighted by the inverse variances (no constant); (3K, D) and (3K, L)
+        self._class_weight = torch.cat([log1m_freq - log_freq, 1 - 2 * majority,
+                                        1.0 / torch.cat([lp.var for lp in layers.values()], 1)])
+        self._class_offset = torch.cat([-(log1m_freq @ avg), majority @ avg,
+                                        torch.zeros(len(freq), len(sizes), dtype=torch.float64)])
         if self.has_heads:  # every layer's head on its own filters' bits, the same way:
             # (b * weight) @ layer mean, the weights scaled by the layer's size (K, D), (L, K)
             self._head_weight = torch.cat([lp.head_weight * c  # type: ignore[operator]
@@ -328,7 +331,7 @@ class PathProfile:
         q = torch.softmax(torch.stack([o.logits for o in others]).to(torch.float64), 2)
         b = paths.flat(self.layers)[0]  # (N, D)
         b_t = torch.stack([o.flat(self.layers)[0] for o in others])  # (S, N, D)
-        changed = p.detach().argmax(1) != q.detach().argmax(2)  # (S, N)
+        changed = p.argmax(1) != q.argmax(2)  # (S, N)
         flipped = torch.addcmul(b + b_t, b, b_t, value=-2)  # b != b_t, for bits in {0, 1}
         parts = torch.cat([(p - q).abs().sum(2, keepdim=True),
                            changed.to(torch.float64)[..., None],
@@ -350,11 +353,13 @@ class PathProfile:
         classes = _tensor(classes).long()
         b, g = paths.flat(self.layers)  # (N, D)
         k, d = self._mean.shape
-        rows = max(1, _CHUNK_ELEMENTS // (2 * k * d))  # bounds the (rows, 2K, D) intermediates
+        rows = max(1, _CHUNK_ELEMENTS // (3 * k * d))  # bounds the (rows, 3K, D) intermediates
         chunks = [slice(i, i + rows) for i in range(0, len(b), rows)]
-        parts = [self._stats(b[c], g[c], classes[c]) for c in chunks]
-        stats = parts[0] if len(parts) == 1 else {
-            s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
+        if len(chunks) == 1:  # no slicing: three operations fewer at batch 1
+            stats = self._stats(b, g, classes)
+        else:
+            parts = [self._stats(b[c], g[c], classes[c]) for c in chunks]
+            stats = {s: torch.cat([p[s] for p in parts]) for s in LAYER_STATS}
         if self.has_heads:  # every layer's head on its own filters' bits: (N, L, K) logits
             heads = torch.cat([((b[c, None] * self._head_weight) @ self._layer_mean
                                 ).transpose(1, 2) for c in chunks])
@@ -383,19 +388,17 @@ class PathProfile:
         """b, g: (N, D) bits and gate logits of every layer; classes (N,) -> (N, L) stats."""
         n, (k, layers) = len(g), (len(self._mean), self._layer_mean.shape[1])
         avg = self._layer_mean  # (D, L)
-        bits_all = (b[:, None] * self._bit_weight) @ avg + self._bit_offset  # (N, 2K, L)
-        dist_all = ((g[:, None] - self._mean).square() * self._inv_var) @ avg  # (N, K, L)
-        # per class: the bits' NLL, their distance to the majority bits, the logits' distance
-        every = torch.cat([bits_all.view(n, 2, k, layers), dist_all[:, None]], 1)  # (N, 3, K, L)
-        picked = every.gather(2, classes.view(n, 1, 1, 1).expand(n, 3, 1, layers))[:, :, 0]
-        excess = picked[:, 0::2] - every[:, 0::2].amin(2)  # (N, 2, L): NLL, logit distance
-        return {"bit_nll": picked[:, 0],
-                "bit_excess": excess[:, 0],
-                "hamming": picked[:, 1],  # share of b != majority
-                "logit_dist": picked[:, 2],
-                "logit_excess": excess[:, 1],
-                "margin": g.abs() @ avg,
-                "open": b @ avg}
+        # per class and layer, in one product (few operations: at batch 1 their number is the
+        # cost): the bits' NLL, their distance to the majority bits, the logits' distance
+        terms = torch.cat([b[:, None].expand(n, 2 * k, -1), (g[:, None] - self._mean).square()],
+                          1)  # (N, 3K, D)
+        every = ((terms * self._class_weight) @ avg + self._class_offset).view(n, 3, k, layers)
+        picked = every.gather(2, classes.view(n, 1, 1, 1).expand(n, 3, 1, layers)).squeeze(2)
+        nll, hamming, dist = picked.unbind(1)  # (N, L) each; hamming: share of b != majority
+        nll_excess, _, dist_excess = (picked - every.amin(2)).unbind(1)
+        return {"bit_nll": nll, "bit_excess": nll_excess, "hamming": hamming,
+                "logit_dist": dist, "logit_excess": dist_excess,
+                "margin": g.abs() @ avg, "open": b @ avg}
 
     def anomaly(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(N, L) per-layer anomaly z-scores from :meth:`layer_stats` output."""

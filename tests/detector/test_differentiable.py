@@ -1,5 +1,5 @@
 """The detector exported to torch (detector.differentiable) gives scikit-learn's scores, and
-gradients, for logistic and MLP inner models; the random forest's export gives its scores
+gradients, for logistic and MLP inner models; the tree ensembles' export gives their scores
 (no gradient); gradient boosting and isotonic calibration have no export."""
 
 import numpy as np
@@ -46,9 +46,10 @@ def test_export_is_differentiable(data, model):
     assert torch.isfinite(features.grad).all()
 
 
-def test_forest_export_equals_predict_proba_one_by_one_and_in_batches(data):
+@pytest.mark.parametrize("model", ["random_forest", "extra_trees"])
+def test_forest_export_equals_predict_proba_one_by_one_and_in_batches(data, model):
     X, y = data
-    detector = PathDetector(model="random_forest", random_state=0).fit(X, y)
+    detector = PathDetector(model=model, random_state=0).fit(X, y)
     exported = torch_detector(detector)
     assert isinstance(exported, TorchForest) and not exported.differentiable
     rng = np.random.default_rng(1)

@@ -162,6 +162,7 @@ def test_make_inner_scales_then_classifies(name):
     assert [step for step, _ in pipe.steps] == ["standardscaler", type(pipe[-1]).__name__.lower()]
     assert type(pipe[-1]).__name__ == {"logistic": "LogisticRegression", "mlp": "MLPClassifier",
                                        "random_forest": "RandomForestClassifier",
+                                       "extra_trees": "ExtraTreesClassifier",
                                        "hist_gb": "HistGradientBoostingClassifier"}[name]
 
 
