@@ -85,7 +85,7 @@ FIRST_FIT = "first_fit_bundle"  # the detector the --adaptive-positives attacks 
 GREY_FIT = ("fgsm:0.1", "fgsm:0.2", "fgsm:0.3", "pgd:0.1", "pgd:0.2", "pgd:0.3")
 COLOUR_FIT = ("fgsm:2/255", "fgsm:4/255", "fgsm:8/255", "fgsm:16/255", "pgd:2/255", "pgd:4/255",
               "pgd:8/255", "pgd:16/255")
-VARIANTS = ("random_forest", "logistic", "hist_gb", "logistic+raw", "hist_gb+raw")
+VARIANTS = ("logistic", "hist_gb", "random_forest", "extra_trees", "logistic+raw", "hist_gb+raw")
 #: How long a rank waits for the others under torchrun: rank 0 gathers the sets when the
 #: slowest rank is done, and one attack can take an hour on CIFAR-10.
 RANK_TIMEOUT = timedelta(hours=24)
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-profile", type=positive(int), default=10000,
                    help="clean training images for the class path profile (default: %(default)s)")
     d = p.add_argument_group("detector")
-    d.add_argument("--detector", default="extra_trees", choices=INNER_MODELS,
+    d.add_argument("--detector", default="random_forest", choices=INNER_MODELS,
                    help="inner model of the bundled detector (default: %(default)s)")
     d.add_argument("--raw-features", action="store_true",
                    help="append raw gate bits and logits to the path statistics")
