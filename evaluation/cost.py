@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from detector.analysis import score_paths
 from detector.differentiable import torch_detector
 from detector.estimator import PathDetector
 from detector.execution import median_times_ms
-from detector.features import PathBatch, PathProfile
+from detector.features import PathProfile
 from detector.paths import to_inference_layout
 from detector.stability import record_paths, with_companions
 
@@ -77,10 +77,11 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
             stacks = {tuple(profile.stability) for profile, _ in detectors.values()}
             runs |= {_stability_run(s): (lambda i, s=s: with_companions(
                 model, singles[int(i)], paths[int(i)], s)) for s in stacks if s}
-            # each call scores a new PathBatch of the recorded path, as a request does: the
-            # side-by-side arrays PathBatch.flat caches are computed in every timed call
+            # each call scores a new PathBatch of the recorded path (replace() leaves out the
+            # arrays PathBatch.flat caches), as a request does; the companions keep theirs,
+            # computed by the stability pass
             runs |= {name: (lambda i, p=profile, d=det, e=exported[name]: score_paths(
-                p, d, _fresh(paths[int(i)]), e)) for name, (profile, det) in detectors.items()}
+                p, d, replace(paths[int(i)]), e)) for name, (profile, det) in detectors.items()}
             ms = median_times_ms(runs, index, repeats=repeats, warmup=3)
     finally:
         torch.set_num_threads(threads)
@@ -90,12 +91,6 @@ def detector_costs(model: nn.Module, images: torch.Tensor,
         else 0.0,
         size_bytes=detector_size(det), exported=exported[name] is not None)
         for name, (profile, det) in detectors.items()}
-
-
-def _fresh(paths: PathBatch) -> PathBatch:
-    """The same paths in a new batch, without the arrays ``paths`` has cached (companions kept
-    as recorded: their arrays are computed by the stability pass)."""
-    return PathBatch(paths.logits, paths.bits, paths.gate_logits, paths.companions)
 
 
 def _stability_run(transforms: tuple[str, ...]) -> str:
